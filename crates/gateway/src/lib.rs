@@ -1,0 +1,60 @@
+//! # concord-gateway
+//!
+//! The etcd v3 API as tonic services, in front of backend traits this crate defines.
+//! A request is decoded, size-checked (etcd's 1.5 MiB request and 128 txn-op limits,
+//! both configurable through [`Limits`]), checked the way etcd checks it (empty keys,
+//! option combinations, duplicate keys in a txn), handed to the backend, and its error,
+//! if any, turned into etcd's gRPC code and text in one place ([`Error`]).
+//!
+//! Owns: the gRPC services (`KV`, `Maintenance`, `Cluster`, `grpc.health.v1.Health`),
+//! the HTTP endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`),
+//! and the composition of both into one router ([`router`]).
+//!
+//! Not: storage, consensus, or anything that knows how the data is kept; it depends on
+//! no other Concord crate than `concord-proto`. Put it in front of a different backend
+//! by implementing [`KvBackend`], [`MaintenanceBackend`], [`ClusterBackend`] and
+//! [`HealthBackend`].
+
+mod backend;
+mod error;
+mod health;
+pub mod http;
+mod kv;
+mod maintenance;
+mod validate;
+
+use std::sync::Arc;
+
+use concord_proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+};
+use concord_proto::grpc::health::v1::health_server::HealthServer;
+
+pub use backend::{ClusterBackend, HealthBackend, KvBackend, MaintenanceBackend};
+pub use error::{Error, Result};
+pub use health::HealthService;
+pub use kv::{KvService, txn_writes};
+pub use maintenance::{ClusterService, MaintenanceService};
+pub use validate::Limits;
+
+/// Everything a backend must provide to be served by [`router`].
+pub trait Backend: KvBackend + MaintenanceBackend + ClusterBackend + HealthBackend {}
+impl<T: KvBackend + MaintenanceBackend + ClusterBackend + HealthBackend> Backend for T {}
+
+/// One router for the client port: gRPC (HTTP/2) services and the HTTP endpoints.
+pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
+    let max = limits.max_grpc_message();
+    let kv = KvServer::from_arc(Arc::new(KvService::new(backend.clone(), limits)))
+        .max_decoding_message_size(max);
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(backend.clone()))
+        .max_decoding_message_size(max);
+    let cluster =
+        ClusterServer::new(ClusterService::new(backend.clone())).max_decoding_message_size(max);
+    let health = HealthServer::new(HealthService::new(backend.clone()));
+    let grpc = tonic::service::Routes::new(kv)
+        .add_service(maintenance)
+        .add_service(cluster)
+        .add_service(health)
+        .into_axum_router();
+    grpc.merge(http::router(backend))
+}

@@ -1,0 +1,236 @@
+//! Store semantics through the public API, on a real RocksDB in a temp dir.
+
+use concord_mvcc::*;
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, StoreOptions { sync_writes: false }).unwrap()
+}
+
+fn put(s: &Store, k: &str, v: &str) -> i64 {
+    let mut w = s.writer().unwrap();
+    let r = w
+        .put(
+            &PutRequest {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            },
+            &NoLeases,
+        )
+        .unwrap();
+    w.commit(None).unwrap();
+    r.header_revision
+}
+
+fn get(s: &Store, k: &str, rev: i64) -> Result<Option<KeyValue>> {
+    let r = s.range(&RangeRequest {
+        range: KeyRange::new(k, ""),
+        revision: rev,
+        ..Default::default()
+    })?;
+    Ok(r.kvs.into_iter().next())
+}
+
+fn del(s: &Store, k: &str, end: &str) -> DeleteRangeResponse {
+    let mut w = s.writer().unwrap();
+    let r = w
+        .delete_range(&DeleteRangeRequest {
+            range: KeyRange::new(k, end),
+            prev_kv: true,
+        })
+        .unwrap();
+    w.commit(None).unwrap();
+    r
+}
+
+#[test]
+fn revisions_versions_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    assert_eq!(s.current_revision(), 1);
+    assert_eq!(put(&s, "a", "1"), 2);
+    assert_eq!(put(&s, "a", "2"), 3);
+    let kv = get(&s, "a", 0).unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+    assert_eq!(get(&s, "a", 2).unwrap().unwrap().value, b"1");
+    assert_eq!(get(&s, "a", 9), Err(Error::FutureRevision));
+    let d = del(&s, "a", "");
+    assert_eq!((d.deleted, d.header_revision), (1, 4));
+    assert_eq!(get(&s, "a", 0).unwrap(), None);
+    assert_eq!(
+        del(&s, "a", "").header_revision,
+        4,
+        "deleting nothing makes no revision"
+    );
+    assert_eq!(put(&s, "a", "3"), 5);
+    let kv = get(&s, "a", 0).unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.version), (5, 1));
+}
+
+#[test]
+fn batch_of_txns_commits_once_and_sees_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut w = s.writer().unwrap();
+    let p = |k: &str, v: &str| PutRequest {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: true,
+        ..Default::default()
+    };
+    assert_eq!(w.put(&p("k", "1"), &NoLeases).unwrap().header_revision, 2);
+    let r = w.put(&p("k", "2"), &NoLeases).unwrap();
+    assert_eq!(r.header_revision, 3);
+    assert_eq!(
+        r.prev_kv.unwrap().value,
+        b"1",
+        "a later txn sees an earlier one in the batch"
+    );
+    // Not visible to readers before commit.
+    assert_eq!(s.current_revision(), 1);
+    assert_eq!(get(&s, "k", 0).unwrap(), None);
+    // A failed txn in the middle leaves no trace.
+    let bad = TxnRequest {
+        compare: vec![],
+        success: vec![
+            RequestOp::Put(p("x", "1")),
+            RequestOp::Put(PutRequest {
+                key: "y".into(),
+                lease: 5,
+                ..Default::default()
+            }),
+        ],
+        failure: vec![],
+    };
+    assert_eq!(w.txn(&bad, &NoLeases), Err(Error::LeaseNotFound));
+    // A historical read into the batch flushes it first and still answers correctly.
+    let hist = TxnRequest {
+        compare: vec![],
+        success: vec![
+            RequestOp::Put(p("z", "1")),
+            RequestOp::Range(RangeRequest {
+                range: KeyRange::new("k", ""),
+                revision: 2,
+                ..Default::default()
+            }),
+        ],
+        failure: vec![],
+    };
+    let r = w.txn(&hist, &NoLeases).unwrap();
+    let ResponseOp::Range(rr) = &r.responses[1] else {
+        panic!()
+    };
+    assert_eq!(rr.kvs[0].value, b"1");
+    assert_eq!(w.commit(Some(7)).unwrap(), 4);
+    assert_eq!(s.current_revision(), 4);
+    assert_eq!(get(&s, "x", 0).unwrap(), None);
+    assert_eq!(get(&s, "k", 0).unwrap().unwrap().version, 2);
+    assert_eq!(s.consistent_index().unwrap(), 7);
+}
+
+#[test]
+fn restart_rebuilds_the_index_and_resumes_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        for i in 0..20 {
+            put(&s, &format!("k{}", i % 4), &format!("v{i}"));
+        }
+        del(&s, "k0", "");
+        put(&s, "k0", "again");
+        let mut w = s.writer().unwrap();
+        w.put_meta("owner", b"me");
+        let wait = w.compact(12).unwrap();
+        w.commit(Some(3)).unwrap();
+        wait.wait().unwrap();
+        assert_eq!(s.compacted_revision(), 12);
+    }
+    let s = open(dir.path());
+    assert_eq!(s.current_revision(), 23);
+    assert_eq!(s.compacted_revision(), 12);
+    assert_eq!(s.meta("owner").unwrap().unwrap(), b"me");
+    assert_eq!(s.consistent_index().unwrap(), 3);
+    assert_eq!(get(&s, "k1", 11), Err(Error::Compacted));
+    // Versions and create revisions survive compaction and restart.
+    let kv = get(&s, "k1", 0).unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.version, kv.create_revision),
+        (&b"v17"[..], 5, 3)
+    );
+    let kv = get(&s, "k1", 12).unwrap().unwrap();
+    assert_eq!((kv.value.as_slice(), kv.version), (&b"v9"[..], 3));
+    let kv = get(&s, "k0", 0).unwrap().unwrap();
+    assert_eq!((kv.version, kv.create_revision), (1, 23));
+    let all = s
+        .range(&RangeRequest {
+            range: KeyRange::new("k", vec![0]),
+            count_only: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.count, 4);
+}
+
+#[test]
+fn compaction_to_the_latest_tombstone_keeps_the_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        put(&s, "a", "1");
+        del(&s, "a", "");
+        let mut w = s.writer().unwrap();
+        let wait = w.compact(3).unwrap();
+        w.commit(None).unwrap();
+        wait.wait().unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!(
+        s.current_revision(),
+        3,
+        "every record is gone but the revision stays"
+    );
+    assert_eq!(put(&s, "b", "1"), 4);
+}
+
+#[test]
+fn limits_counts_and_filters_use_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut w = s.writer().unwrap();
+    for i in 0..1000 {
+        w.put(
+            &PutRequest {
+                key: format!("k{i:04}").into_bytes(),
+                value: vec![b'x'; 10],
+                ..Default::default()
+            },
+            &NoLeases,
+        )
+        .unwrap();
+    }
+    w.commit(None).unwrap();
+    let r = s
+        .range(&RangeRequest {
+            range: KeyRange::new("k", vec![0]),
+            limit: 3,
+            sort_order: SortOrder::Descend,
+            ..Default::default()
+        })
+        .unwrap();
+    let keys: Vec<_> = r
+        .kvs
+        .iter()
+        .map(|k| String::from_utf8_lossy(&k.key).into_owned())
+        .collect();
+    assert_eq!(keys, ["k0999", "k0998", "k0997"]);
+    assert_eq!((r.more, r.count), (true, 1000));
+    let r = s
+        .range(&RangeRequest {
+            range: KeyRange::new("k0100", "k0200"),
+            min_mod_revision: 150,
+            max_mod_revision: 160,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((r.kvs.len(), r.count), (11, 100));
+}

@@ -1,0 +1,317 @@
+//! Node configuration: etcd's flag names, a TOML config file, `CONCORD_*` environment
+//! variables, and etcd's defaults. Precedence: flag, environment, file, default.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// `concord` command line. Every flag can also come from the config file (the same
+/// name with `_` for `-`) or from `CONCORD_<NAME>` in the environment.
+#[derive(Debug, Clone, Parser, Default)]
+#[command(
+    name = "concord",
+    version,
+    about = "Concord: a coordination service speaking the etcd v3 API"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Human-readable name of this member.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where this member keeps its data (default: `<name>.concord`).
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Comma-separated URLs to serve clients on (gRPC and HTTP on the same port).
+    #[arg(long)]
+    pub listen_client_urls: Option<String>,
+    /// Comma-separated client URLs advertised to the cluster.
+    #[arg(long)]
+    pub advertise_client_urls: Option<String>,
+    /// Comma-separated URLs to listen on for peer traffic.
+    #[arg(long)]
+    pub listen_peer_urls: Option<String>,
+    /// Comma-separated peer URLs advertised to the cluster.
+    #[arg(long)]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// Initial cluster configuration, `name=peer-url,...`.
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// `new` or `existing`.
+    #[arg(long)]
+    pub initial_cluster_state: Option<String>,
+    /// Token that tells clusters apart when ids are derived.
+    #[arg(long)]
+    pub initial_cluster_token: Option<String>,
+    /// Largest write request accepted, in bytes.
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
+    /// Most operations in one txn.
+    #[arg(long)]
+    pub max_txn_ops: Option<usize>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_interval: Option<u64>,
+    /// Raft election timeout in milliseconds.
+    #[arg(long)]
+    pub election_timeout: Option<u64>,
+    /// Applied entries between snapshots.
+    #[arg(long)]
+    pub snapshot_count: Option<u64>,
+    /// Backend size quota in bytes, reported as etcd's `dbSizeQuota`.
+    #[arg(long)]
+    pub quota_backend_bytes: Option<i64>,
+    /// Log filter (`info`, `debug`, or a `tracing` filter); `RUST_LOG` wins.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub name: String,
+    #[serde(default)]
+    pub data_dir: String,
+    pub listen_client_urls: String,
+    pub advertise_client_urls: String,
+    pub listen_peer_urls: String,
+    pub initial_advertise_peer_urls: String,
+    #[serde(default)]
+    pub initial_cluster: String,
+    pub initial_cluster_state: String,
+    pub initial_cluster_token: String,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub heartbeat_interval: u64,
+    pub election_timeout: u64,
+    pub snapshot_count: u64,
+    pub quota_backend_bytes: i64,
+    pub log_level: String,
+}
+
+/// A configuration that cannot be used; the text says which setting and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Load(#[from] config::ConfigError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder()
+            .set_default("name", "default")?
+            .set_default("listen_client_urls", "http://localhost:2379")?
+            .set_default("advertise_client_urls", "http://localhost:2379")?
+            .set_default("listen_peer_urls", "http://localhost:2380")?
+            .set_default("initial_advertise_peer_urls", "http://localhost:2380")?
+            .set_default("initial_cluster_state", "new")?
+            .set_default("initial_cluster_token", "etcd-cluster")?
+            .set_default("max_request_bytes", 1536 * 1024)?
+            .set_default("max_txn_ops", 128)?
+            .set_default("heartbeat_interval", 100)?
+            .set_default("election_timeout", 1000)?
+            .set_default("snapshot_count", 100_000)?
+            .set_default("quota_backend_bytes", 2i64 * 1024 * 1024 * 1024)?
+            .set_default("log_level", "info")?;
+        if let Some(f) = &args.config_file {
+            b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(config::Environment::with_prefix("CONCORD").try_parsing(true));
+        let a = args.clone();
+        b = b
+            .set_override_option("name", a.name)?
+            .set_override_option("data_dir", a.data_dir)?
+            .set_override_option("listen_client_urls", a.listen_client_urls)?
+            .set_override_option("advertise_client_urls", a.advertise_client_urls)?
+            .set_override_option("listen_peer_urls", a.listen_peer_urls)?
+            .set_override_option("initial_advertise_peer_urls", a.initial_advertise_peer_urls)?
+            .set_override_option("initial_cluster", a.initial_cluster)?
+            .set_override_option("initial_cluster_state", a.initial_cluster_state)?
+            .set_override_option("initial_cluster_token", a.initial_cluster_token)?
+            .set_override_option("max_request_bytes", a.max_request_bytes.map(|v| v as u64))?
+            .set_override_option("max_txn_ops", a.max_txn_ops.map(|v| v as u64))?
+            .set_override_option("heartbeat_interval", a.heartbeat_interval)?
+            .set_override_option("election_timeout", a.election_timeout)?
+            .set_override_option("snapshot_count", a.snapshot_count)?
+            .set_override_option("quota_backend_bytes", a.quota_backend_bytes)?
+            .set_override_option("log_level", a.log_level)?;
+        let mut c: Config = b.build()?.try_deserialize()?;
+        if c.data_dir.is_empty() {
+            c.data_dir = format!("{}.concord", c.name);
+        }
+        if c.initial_cluster.is_empty() {
+            c.initial_cluster = format!("{}={}", c.name, c.initial_advertise_peer_urls);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
+            return bad(format!(
+                "invalid value {:?} for --initial-cluster-state: use new or existing",
+                self.initial_cluster_state
+            ));
+        }
+        if self.max_txn_ops == 0 || self.max_request_bytes == 0 {
+            return bad("--max-txn-ops and --max-request-bytes must be positive".into());
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return bad(format!(
+                "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            ));
+        }
+        let members = self.initial_members()?;
+        let mine: Vec<_> = members.iter().filter(|(n, _)| n == &self.name).collect();
+        if mine.is_empty() {
+            return bad(format!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                self.name
+            ));
+        }
+        let names: std::collections::BTreeSet<_> = members.iter().map(|(n, _)| n).collect();
+        if names.len() > 1 {
+            return bad(format!(
+                "--initial-cluster lists {} members; this build of concord runs single-member clusters only",
+                names.len()
+            ));
+        }
+        let mut advertised = split_urls(&self.initial_advertise_peer_urls);
+        let mut listed: Vec<String> = mine.iter().map(|(_, u)| u.clone()).collect();
+        advertised.sort();
+        listed.sort();
+        if advertised != listed {
+            return bad(format!(
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
+                self.name,
+                listed.join(","),
+                self.initial_advertise_peer_urls
+            ));
+        }
+        for u in split_urls(&self.listen_client_urls) {
+            parse_url(&u)?;
+        }
+        Ok(())
+    }
+
+    /// `(name, peer url)` pairs of `--initial-cluster`.
+    pub fn initial_members(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        split_urls(&self.initial_cluster)
+            .into_iter()
+            .map(|item| {
+                item.split_once('=')
+                    .map(|(n, u)| (n.trim().to_string(), u.trim().to_string()))
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "--initial-cluster entry {item:?} is not name=url"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Addresses to serve clients on.
+    pub fn client_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut out = Vec::new();
+        for u in split_urls(&self.listen_client_urls) {
+            out.extend(parse_url(&u)?);
+        }
+        Ok(out)
+    }
+}
+
+pub fn split_urls(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// `http://host:port` to socket addresses. TLS is not offered yet, so `https` is refused.
+fn parse_url(u: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid(format!("URL {u:?}: {why}"));
+    let rest = u
+        .strip_prefix("http://")
+        .ok_or_else(|| invalid("only http:// URLs are supported"))?;
+    let hostport = rest.trim_end_matches('/');
+    let addrs: Vec<SocketAddr> = hostport
+        .to_socket_addrs()
+        .map_err(|e| invalid(&e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(invalid("resolves to no address"));
+    }
+    // `localhost` can resolve to both families; one listener per address family is
+    // what etcd does with the first address.
+    Ok(vec![addrs[0]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(f: impl FnOnce(&mut Args)) -> Args {
+        let mut a = Args::default();
+        f(&mut a);
+        a
+    }
+
+    #[test]
+    fn etcd_defaults() {
+        let c = Config::load(&Args::default()).unwrap();
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir, "default.concord");
+        assert_eq!(c.initial_cluster, "default=http://localhost:2380");
+        assert_eq!((c.heartbeat_interval, c.election_timeout), (100, 1000));
+        assert_eq!((c.max_request_bytes, c.max_txn_ops), (1536 * 1024, 128));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "name = \"n1\"\nmax_txn_ops = 7\ninitial_cluster_token = \"t\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&args(|a| {
+            a.config_file = Some(f.clone());
+            a.max_txn_ops = Some(9);
+        }))
+        .unwrap();
+        assert_eq!((c.name.as_str(), c.max_txn_ops), ("n1", 9));
+        assert_eq!(c.initial_cluster_token, "t");
+        assert_eq!(c.data_dir, "n1.concord");
+    }
+
+    #[test]
+    fn rejects_bad_cluster_settings() {
+        let e = Config::load(&args(|a| {
+            a.initial_cluster = Some("other=http://localhost:2380".into())
+        }));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("couldn't find local name")
+        );
+        let e = Config::load(&args(|a| a.initial_cluster_state = Some("weird".into())));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("--initial-cluster-state")
+        );
+        let e = Config::load(&args(|a| {
+            a.listen_client_urls = Some("https://127.0.0.1:1".into())
+        }));
+        assert!(e.unwrap_err().to_string().contains("only http://"));
+    }
+}

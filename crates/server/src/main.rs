@@ -1,0 +1,77 @@
+//! `concord`: one Concord member serving the etcd v3 API on its client URLs.
+
+use anyhow::Context;
+use clap::Parser;
+use concord_gateway::Limits;
+use concord_server::config::{Args, Config};
+use concord_server::node::Node;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = Config::load(&args)?;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .context("--log-level")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("concord")
+        .build()?;
+    runtime.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let (node, apply_thread) =
+        Node::open(&cfg).with_context(|| format!("opening {}", cfg.data_dir))?;
+    let limits = Limits {
+        max_request_bytes: cfg.max_request_bytes,
+        max_txn_ops: cfg.max_txn_ops,
+    };
+    let router = concord_gateway::router(node.clone(), limits);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for addr in cfg.client_listen_addrs()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for clients on {addr}"))?;
+        tracing::info!(%addr, "serving client requests");
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            // Small gRPC frames must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        });
+        let mut stop = stop_rx.clone();
+        let router = router.clone();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    eprintln!("concord ready: member {:x}", node.identity().member_id);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        s.await??;
+    }
+    drop(router);
+    // The apply loop ends once the last proposer (held by the node) is gone.
+    drop(node);
+    let _ = tokio::task::spawn_blocking(move || apply_thread.join()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,353 @@
+//! # concord-integration
+//!
+//! Black-box test support: start the real `concord` binary (and, for differential
+//! tests, Debian's real `etcd`) as child processes on loopback ports, drive them with
+//! real clients (the `etcd-client` crate and `etcdctl`), and always clean them up (by
+//! pid, on drop).
+//!
+//! Not: a library for production use. The tests live in `tests/`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a server may take to answer after it is started.
+pub const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `concord` binary: `$CONCORD_BIN`, or the one cargo builds next to this test
+/// binary (built on first use, so `cargo test` alone is enough).
+pub fn concord_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CONCORD_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>/concord
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir");
+        let bin = profile_dir.join("concord");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "concord-server",
+            "--bin",
+            "concord",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("running cargo build for the concord binary");
+        assert!(status.success(), "cargo build of concord failed");
+        assert!(
+            bin.exists(),
+            "concord binary not found at {}",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks; the port is released before use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// Polls `probe` until it succeeds or `deadline` passes.
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut probe: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let end = Instant::now() + deadline;
+    let mut last = None;
+    while Instant::now() < end {
+        match probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} not ready after {deadline:?}: {last:?}")
+}
+
+/// A child process that is killed (by pid) and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Proc {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => true,
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+        }
+    }
+
+    /// The process's combined output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `concord` member with its own data directory.
+#[derive(Debug)]
+pub struct Concord {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+    extra: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Concord {
+    /// Starts a fresh single-member server and waits until it answers.
+    pub async fn start() -> Result<Concord> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Concord::start`], with extra command-line flags.
+    pub async fn start_with(extra: &[&str]) -> Result<Concord> {
+        let tmp = tempfile::Builder::new().prefix("concord-test").tempdir()?;
+        let mut c = Concord {
+            proc: Proc {
+                child: None,
+                log: tmp.path().join("concord.log"),
+            },
+            dir: tmp.path().join("data"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        c.restart().await?;
+        Ok(c)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// (Re)starts the process on the same data directory and ports.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.kill9();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(concord_bin());
+        cmd.arg("--name")
+            .arg("n1")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("n1={peer}"))
+            .args(&self.extra);
+        let log = self.dir.with_file_name(format!(
+            "concord-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        self.proc = Proc::spawn(cmd, log)?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let ep = self.endpoint();
+        let r = wait_until(READY_DEADLINE, "concord", || {
+            let ep = ep.clone();
+            async move {
+                let mut c = connect(&ep).await?;
+                c.get("health", None).await?;
+                Ok(())
+            }
+        })
+        .await;
+        if r.is_err() {
+            eprintln!("concord log:\n{}", self.proc.log());
+        }
+        r
+    }
+
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        connect(&self.endpoint()).await
+    }
+}
+
+/// Connects an `etcd-client` with short timeouts.
+pub async fn connect(endpoint: &str) -> Result<etcd_client::Client> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(10));
+    Ok(etcd_client::Client::connect([endpoint], Some(opts)).await?)
+}
+
+/// Where Debian's `etcd` is, if installed.
+pub fn etcd_bin() -> Option<PathBuf> {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// A running real etcd (the reference implementation) with its own data directory.
+#[derive(Debug)]
+pub struct Etcd {
+    pub proc: Proc,
+    pub client_port: u16,
+    _tmp: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Result<Etcd> {
+        let bin = etcd_bin().context("etcd not installed (apt-get install etcd-server)")?;
+        let tmp = tempfile::Builder::new().prefix("etcd-ref").tempdir()?;
+        let client_port = free_port();
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let client = format!("http://127.0.0.1:{client_port}");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--name")
+            .arg("n1")
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("n1={peer}"))
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        let proc = Proc::spawn(cmd, tmp.path().join("etcd.log"))?;
+        let e = Etcd {
+            proc,
+            client_port,
+            _tmp: tmp,
+        };
+        let ep = e.endpoint();
+        let r = wait_until(READY_DEADLINE, "etcd", || {
+            let ep = ep.clone();
+            async move {
+                let mut c = connect(&ep).await?;
+                c.get("health", None).await?;
+                Ok(())
+            }
+        })
+        .await;
+        if r.is_err() {
+            eprintln!("etcd log:\n{}", e.proc.log());
+        }
+        r?;
+        Ok(e)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Runs `etcdctl --endpoints <endpoint> <args>` (API v3), feeding `stdin` if given.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .context("running etcdctl (apt-get install etcd-client)")?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
