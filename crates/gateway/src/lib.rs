@@ -20,6 +20,7 @@ mod error;
 mod health;
 pub mod http;
 mod kv;
+mod listener;
 mod maintenance;
 mod validate;
 
@@ -34,6 +35,7 @@ pub use backend::{ClusterBackend, HealthBackend, KvBackend, MaintenanceBackend};
 pub use error::{Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
+pub use listener::ClientListener;
 pub use maintenance::{ClusterService, MaintenanceService};
 pub use validate::Limits;
 

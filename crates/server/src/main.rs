@@ -39,10 +39,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening for clients on {addr}"))?;
         tracing::info!(%addr, "serving client requests");
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            // Small gRPC frames must not wait for Nagle.
-            let _ = tcp.set_nodelay(true);
-        });
+        let listener = concord_gateway::ClientListener::new(listener);
         let mut stop = stop_rx.clone();
         let router = router.clone();
         servers.push(tokio::spawn(async move {

@@ -290,7 +290,8 @@ impl MaintenanceBackend for Node {
 impl ClusterBackend for Node {
     async fn member_list(&self, _req: pb::MemberListRequest) -> ApiResult<pb::MemberListResponse> {
         Ok(pb::MemberListResponse {
-            header: self.header(self.store.current_revision()),
+            // etcd's Cluster service headers carry no revision.
+            header: self.header(0),
             members: vec![self.member.clone()],
         })
     }
