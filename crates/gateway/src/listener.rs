@@ -133,9 +133,7 @@ fn repair_authority(p: &mut Pseudo) {
 /// `#initially=[http://h:p;...]`), if it is a valid authority.
 fn authority_inside(value: &str) -> Option<String> {
     let after = &value[value.find("://")? + 3..];
-    let end = after
-        .find(|c: char| matches!(c, '/' | ']' | ';' | ',' | ' '))
-        .unwrap_or(after.len());
+    let end = after.find(['/', ']', ';', ',', ' ']).unwrap_or(after.len());
     let cand = &after[..end];
     http::uri::Authority::try_from(cand)
         .ok()
@@ -219,8 +217,10 @@ mod tests {
 
     #[test]
     fn repairs_or_drops_only_invalid_authorities() {
-        let mut p = Pseudo::default();
-        p.authority = BytesStr::try_from(Bytes::from_static(b"127.0.0.1:1")).ok();
+        let mut p = Pseudo {
+            authority: BytesStr::try_from(Bytes::from_static(b"127.0.0.1:1")).ok(),
+            ..Default::default()
+        };
         repair_authority(&mut p);
         assert_eq!(p.authority.as_deref(), Some("127.0.0.1:1"));
         p.authority = BytesStr::try_from(Bytes::from_static(b"http://127.0.0.1:2")).ok();

@@ -880,38 +880,40 @@ impl Writer<'_> {
         }
         let shared = &*self.store.shared;
         let st = shared.read_state();
-        let view = WriterView {
-            shared,
-            state: &st,
-            overlay: &self.overlay,
-            newest: self.rev,
-        };
-        let path = compare_path(&view, req)?;
-        // Every check comes before the first change, so an error leaves no trace.
-        let compacted = self.compacted;
-        let newest = self.rev;
-        for_each_op_on_path(req, &path, &mut |op| match op {
-            RequestOp::Range(r) => {
-                if r.revision > newest {
-                    Err(Error::FutureRevision)
-                } else if r.revision > 0 && r.revision < compacted {
-                    Err(Error::Compacted)
-                } else {
+        let path = {
+            let view = WriterView {
+                shared,
+                state: &st,
+                overlay: &self.overlay,
+                newest: self.rev,
+            };
+            let path = compare_path(&view, req)?;
+            // Every check comes before the first change, so an error leaves no trace.
+            let compacted = self.compacted;
+            let newest = self.rev;
+            for_each_op_on_path(req, &path, &mut |op| match op {
+                RequestOp::Range(r) => {
+                    if r.revision > newest {
+                        Err(Error::FutureRevision)
+                    } else if r.revision > 0 && r.revision < compacted {
+                        Err(Error::Compacted)
+                    } else {
+                        Ok(())
+                    }
+                }
+                RequestOp::Put(p) => {
+                    if p.lease != 0 && !leases.lease_exists(p.lease) {
+                        return Err(Error::LeaseNotFound);
+                    }
+                    if (p.ignore_value || p.ignore_lease) && view.latest(&p.key)?.is_none() {
+                        return Err(Error::KeyNotFound);
+                    }
                     Ok(())
                 }
-            }
-            RequestOp::Put(p) => {
-                if p.lease != 0 && !leases.lease_exists(p.lease) {
-                    return Err(Error::LeaseNotFound);
-                }
-                if (p.ignore_value || p.ignore_lease) && view.latest(&p.key)?.is_none() {
-                    return Err(Error::KeyNotFound);
-                }
-                Ok(())
-            }
-            RequestOp::DeleteRange(_) | RequestOp::Txn(_) => Ok(()),
-        })?;
-        drop(view);
+                RequestOp::DeleteRange(_) | RequestOp::Txn(_) => Ok(()),
+            })?;
+            path
+        };
         let mut exec = TxnExec {
             rev: self.rev + 1,
             sub: 0,
