@@ -26,6 +26,8 @@ mod validate;
 
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
+
 use concord_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
@@ -58,5 +60,18 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
         .add_service(cluster)
         .add_service(health)
         .into_axum_router();
-    grpc.merge(http::router(backend))
+    grpc.merge(http::router(backend)).fallback(fallback)
+}
+
+/// Unknown paths: gRPC callers get gRPC's `Unimplemented`, anyone else a 404.
+async fn fallback(req: axum::extract::Request) -> axum::response::Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let status = tonic::Status::unimplemented(format!("unknown method {}", req.uri().path()));
+        return status.into_http::<axum::body::Body>();
+    }
+    axum::http::StatusCode::NOT_FOUND.into_response()
 }

@@ -1,0 +1,114 @@
+//! Maintenance, Cluster, health and the HTTP endpoints, through real clients.
+
+use std::io::{Read, Write};
+
+use concord_integration::Concord;
+use etcd_client::AlarmAction;
+
+/// A plain HTTP/1.1 GET on the client port (the same socket that serves gRPC).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (code, body)
+}
+
+#[tokio::test]
+async fn status_alarms_members_and_health() {
+    let mut s = Concord::start().await.unwrap();
+    let mut c = s.client().await.unwrap();
+    c.put("a", "1", None).await.unwrap();
+
+    let st = c.status().await.unwrap();
+    let h = st.header().unwrap();
+    assert_eq!(st.leader(), h.member_id(), "a single member leads itself");
+    assert_eq!(h.revision(), 2);
+    assert_eq!(
+        st.raft_term(),
+        2,
+        "first start: term 2, as a fresh etcd member"
+    );
+    assert!(st.raft_index() >= 1 && st.raft_index() == st.raft_applied_index());
+    assert!(st.db_size() > 0);
+    assert!(st.version().starts_with("3."));
+
+    let alarms = c
+        .alarm(AlarmAction::Get, etcd_client::AlarmType::None, None)
+        .await
+        .unwrap();
+    assert!(alarms.alarms().is_empty());
+
+    let members = c.member_list().await.unwrap();
+    assert_eq!(members.members().len(), 1);
+    let m = &members.members()[0];
+    assert_eq!((m.id(), m.name()), (h.member_id(), "n1"));
+    assert_eq!(m.client_urls(), [s.endpoint()]);
+    assert!(!m.is_learner());
+
+    let (code, body) = http_get(s.client_port, "/health");
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""health":"true""#), "{body}");
+    let (code, body) = http_get(s.client_port, "/version");
+    assert_eq!(code, 200);
+    assert!(body.contains("etcdserver"), "{body}");
+    assert_eq!(http_get(s.client_port, "/livez").0, 200);
+    assert_eq!(http_get(s.client_port, "/readyz").0, 200);
+    assert_eq!(http_get(s.client_port, "/nope").0, 404);
+
+    // Identity is stable across restarts; the term moves on like a re-elected leader's.
+    let (cluster, member) = (h.cluster_id(), h.member_id());
+    s.restart().await.unwrap();
+    let mut c = s.client().await.unwrap();
+    let st = c.status().await.unwrap();
+    let h = st.header().unwrap();
+    assert_eq!((h.cluster_id(), h.member_id()), (cluster, member));
+    assert_eq!(st.raft_term(), 3);
+    assert_eq!(h.revision(), 2);
+}
+
+#[tokio::test]
+async fn rpcs_not_offered_yet_answer_unimplemented_not_hang() {
+    let s = Concord::start().await.unwrap();
+    let mut c = s.client().await.unwrap();
+    let e = c.lease_grant(10, None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(st) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(st.code(), tonic::Code::Unimplemented);
+    let e = c.defragment().await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(st) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(st.code(), tonic::Code::Unimplemented);
+    assert!(st.message().contains("Defragment"), "{}", st.message());
+}
+
+#[tokio::test]
+async fn refuses_multi_member_clusters_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(concord_integration::concord_bin())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--name",
+            "a",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:1",
+        ])
+        .args([
+            "--initial-cluster",
+            "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("single-member"), "{err}");
+}
