@@ -11,7 +11,7 @@ N=${N:-1000000}
 CLIENTS=${CLIENTS:-64}
 VALUE=${VALUE:-256}
 scripts/deps.sh
-cargo build --release --quiet -p concord-server --bin concord -p concord-integration --example bench_load
+cargo build --release --quiet --workspace --bin concord --example bench_load
 T=${CARGO_TARGET_DIR:-target}/release
 LOAD=$T/examples/bench_load
 WORK=$(mktemp -d /tmp/concord-bench.XXXXXX)

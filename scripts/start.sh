@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-cargo build --release -p concord-server --bin concord
+cargo build --release --workspace --bin concord
 exec "${CARGO_TARGET_DIR:-target}/release/concord" "$@"

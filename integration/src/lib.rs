@@ -159,6 +159,7 @@ pub struct Concord {
     pub client_port: u16,
     pub peer_port: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -170,6 +171,11 @@ impl Concord {
 
     /// Like [`Concord::start`], with extra command-line flags.
     pub async fn start_with(extra: &[&str]) -> Result<Concord> {
+        Self::start_configured(extra, &[]).await
+    }
+
+    /// Like [`Concord::start`], with extra flags and environment variables.
+    pub async fn start_configured(extra: &[&str], env: &[(&str, &str)]) -> Result<Concord> {
         let tmp = tempfile::Builder::new().prefix("concord-test").tempdir()?;
         let mut c = Concord {
             proc: Proc {
@@ -180,6 +186,10 @@ impl Concord {
             client_port: free_port(),
             peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _tmp: Some(tmp),
         };
         c.restart().await?;
@@ -209,7 +219,8 @@ impl Concord {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("n1={peer}"))
-            .args(&self.extra);
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.with_file_name(format!(
             "concord-{}.log",
             std::time::SystemTime::now()

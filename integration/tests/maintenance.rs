@@ -112,3 +112,39 @@ async fn refuses_multi_member_clusters_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("single-member"), "{err}");
 }
+
+#[tokio::test]
+async fn settings_from_environment_and_config_file_apply() {
+    use etcd_client::{Txn, TxnOp};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("concord.toml");
+    std::fs::write(&file, "max_txn_ops = 3\nmax_request_bytes = 1000\n").unwrap();
+    // The environment overrides the file; flags (none here for these) would win over both.
+    let s = Concord::start_configured(
+        &["--config-file", file.to_str().unwrap()],
+        &[("CONCORD_MAX_TXN_OPS", "2")],
+    )
+    .await
+    .unwrap();
+    let mut c = s.client().await.unwrap();
+    let three: Vec<TxnOp> = (0..3)
+        .map(|i| TxnOp::put(format!("k{i}"), "v", None))
+        .collect();
+    let e = c.txn(Txn::new().and_then(three)).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(st) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(
+        st.message(),
+        "etcdserver: too many operations in txn request"
+    );
+    let two: Vec<TxnOp> = (0..2)
+        .map(|i| TxnOp::put(format!("k{i}"), "v", None))
+        .collect();
+    c.txn(Txn::new().and_then(two)).await.unwrap();
+    let e = c.put("big", vec![b'x'; 1001], None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(st) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(st.message(), "etcdserver: request is too large");
+}
