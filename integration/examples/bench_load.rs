@@ -52,15 +52,7 @@ async fn main() -> Result<()> {
     let o = parse()?;
     if o.probe {
         let start = Instant::now();
-        concord_integration::wait_until(o.deadline, "server", || {
-            let ep = o.endpoint.clone();
-            async move {
-                let mut c = concord_integration::connect(&ep).await?;
-                c.get("health", None).await?;
-                Ok(())
-            }
-        })
-        .await?;
+        concord_integration::wait_answering(&o.endpoint, o.deadline).await?;
         println!("ready_secs {:.3}", start.elapsed().as_secs_f64());
         return Ok(());
     }

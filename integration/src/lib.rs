@@ -82,6 +82,16 @@ where
     bail!("{what} not ready after {deadline:?}: {last:?}")
 }
 
+/// Waits until the server at `endpoint` answers a read, as `etcdctl endpoint health`
+/// checks it.
+pub async fn wait_answering(endpoint: &str, deadline: Duration) -> Result<()> {
+    wait_until(deadline, endpoint, || async move {
+        connect(endpoint).await?.get("health", None).await?;
+        Ok(())
+    })
+    .await
+}
+
 /// A child process that is killed (by pid) and reaped when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -233,20 +243,9 @@ impl Concord {
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
-        let ep = self.endpoint();
-        let r = wait_until(READY_DEADLINE, "concord", || {
-            let ep = ep.clone();
-            async move {
-                let mut c = connect(&ep).await?;
-                c.get("health", None).await?;
-                Ok(())
-            }
-        })
-        .await;
-        if r.is_err() {
-            eprintln!("concord log:\n{}", self.proc.log());
-        }
-        r
+        wait_answering(&self.endpoint(), READY_DEADLINE)
+            .await
+            .inspect_err(|_| eprintln!("concord log:\n{}", self.proc.log()))
     }
 
     pub async fn client(&self) -> Result<etcd_client::Client> {
@@ -307,20 +306,9 @@ impl Etcd {
             client_port,
             _tmp: tmp,
         };
-        let ep = e.endpoint();
-        let r = wait_until(READY_DEADLINE, "etcd", || {
-            let ep = ep.clone();
-            async move {
-                let mut c = connect(&ep).await?;
-                c.get("health", None).await?;
-                Ok(())
-            }
-        })
-        .await;
-        if r.is_err() {
-            eprintln!("etcd log:\n{}", e.proc.log());
-        }
-        r?;
+        wait_answering(&e.endpoint(), READY_DEADLINE)
+            .await
+            .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
         Ok(e)
     }
 

@@ -274,8 +274,10 @@ impl Store {
         };
         let path = compare_path(&view, req)?;
         check_ranges(&view, req, &path, st.current)?;
-        let mut cursor = 0;
-        let mut resp = read_txn_ops(&view, req, &path, &mut cursor)?;
+        let mut resp = run_path(req, &path, &mut 0, &mut |op| match op {
+            RequestOp::Range(r) => Ok(ResponseOp::Range(view.range(r)?)),
+            _ => unreachable!("read_txn is only called for read-only txns"),
+        })?;
         resp.header_revision = st.current;
         Ok(resp)
     }
@@ -656,22 +658,21 @@ fn check_ranges(
     })
 }
 
-fn read_txn_ops(
-    view: &dyn View,
+/// Runs the ops of the branch a txn took (nested txns recursively), handing every
+/// other op to `exec`; responses come back in request order.
+fn run_path(
     req: &TxnRequest,
     path: &[bool],
     cursor: &mut usize,
+    exec: &mut dyn FnMut(&RequestOp) -> Result<ResponseOp>,
 ) -> Result<TxnResponse> {
     let ok = path[*cursor];
     *cursor += 1;
     let mut responses = Vec::new();
     for op in if ok { &req.success } else { &req.failure } {
         responses.push(match op {
-            RequestOp::Range(r) => ResponseOp::Range(view.range(r)?),
-            RequestOp::Txn(t) => ResponseOp::Txn(read_txn_ops(view, t, path, cursor)?),
-            RequestOp::Put(_) | RequestOp::DeleteRange(_) => {
-                unreachable!("read_txn is only called for read-only txns")
-            }
+            RequestOp::Txn(t) => ResponseOp::Txn(run_path(t, path, cursor, exec)?),
+            other => exec(other)?,
         });
     }
     Ok(TxnResponse {
@@ -920,8 +921,14 @@ impl Writer<'_> {
             changes: Vec::new(),
             overlay: &mut self.overlay,
         };
-        let mut cursor = 0;
-        let result = exec.run(shared, &st, req, &path, &mut cursor);
+        let result = run_path(req, &path, &mut 0, &mut |op| {
+            Ok(match op {
+                RequestOp::Range(r) => ResponseOp::Range(exec.view(shared, &st).range(r)?),
+                RequestOp::Put(p) => ResponseOp::Put(exec.put(shared, &st, p)?),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(exec.delete(shared, &st, d)?),
+                RequestOp::Txn(_) => unreachable!("run_path recurses into nested txns itself"),
+            })
+        });
         let TxnExec { sub, changes, .. } = exec;
         drop(st);
         match result {
@@ -1055,7 +1062,8 @@ impl Writer<'_> {
     }
 }
 
-/// Executes one txn's chosen path, recording its changes.
+/// The state of one write txn while [`run_path`] executes it: its revision, the next
+/// sub revision, and its changes so far.
 struct TxnExec<'o> {
     rev: i64,
     sub: i64,
@@ -1083,33 +1091,6 @@ impl TxnExec<'_> {
         self.overlay
             .insert(kv.key.clone(), (!tombstone).then(|| kv.clone()));
         self.changes.push(Change { rev, kv, tombstone });
-    }
-
-    fn run(
-        &mut self,
-        shared: &Shared,
-        st: &State,
-        req: &TxnRequest,
-        path: &[bool],
-        cursor: &mut usize,
-    ) -> Result<TxnResponse> {
-        let ok = path[*cursor];
-        *cursor += 1;
-        let mut responses = Vec::new();
-        for op in if ok { &req.success } else { &req.failure } {
-            let resp = match op {
-                RequestOp::Range(r) => ResponseOp::Range(self.view(shared, st).range(r)?),
-                RequestOp::Put(p) => ResponseOp::Put(self.put(shared, st, p)?),
-                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete(shared, st, d)?),
-                RequestOp::Txn(t) => ResponseOp::Txn(self.run(shared, st, t, path, cursor)?),
-            };
-            responses.push(resp);
-        }
-        Ok(TxnResponse {
-            header_revision: 0,
-            succeeded: ok,
-            responses,
-        })
     }
 
     fn put(&mut self, shared: &Shared, st: &State, p: &PutRequest) -> Result<PutResponse> {

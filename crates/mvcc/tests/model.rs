@@ -148,7 +148,7 @@ impl Model {
         match order {
             SortOrder::None => {}
             SortOrder::Ascend => kvs.sort_by_key(|kv| field(kv)),
-            SortOrder::Descend => kvs.sort_by(|a, b| field(b).cmp(&field(a))),
+            SortOrder::Descend => kvs.sort_by_key(|kv| std::cmp::Reverse(field(kv))),
         }
         let mut more = false;
         if req.limit > 0 && kvs.len() > req.limit as usize {
