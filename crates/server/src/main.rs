@@ -7,6 +7,9 @@ use concord_server::config::{Args, Config};
 use concord_server::node::Node;
 use tracing_subscriber::EnvFilter;
 
+/// How long open connections may take to finish after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = Config::load(&args)?;
@@ -54,8 +57,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    for s in servers {
-        s.await??;
+    // In-flight requests get a moment to finish; a client that keeps its connection
+    // open does not hold the process hostage.
+    let drain = async {
+        for s in servers {
+            s.await??;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(SHUTDOWN_GRACE, drain).await {
+        Ok(r) => r?,
+        Err(_) => tracing::warn!("connections still open after the grace period; closing"),
     }
     drop(router);
     // The apply loop ends once the last proposer (held by the node) is gone.
