@@ -53,8 +53,7 @@ for kind in concord etcd; do
   t1=$(date +%s.%N)
   R[$kind,restart_s]=$(python3 -c "print(round($t1 - $t0, 3))")
   R[$kind,rss_restart]=$(rss_mb "$pid")
-  count=$(ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$port" get bench/ --prefix --count-only -w json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("count",0))')
-  [ "$count" = "$N" ] || { echo "$kind lost keys: $count of $N" >&2; exit 1; }
+  "$LOAD" --endpoint "http://127.0.0.1:$port" --verify --keys "$N" >/dev/null
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 done
 

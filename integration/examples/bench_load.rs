@@ -3,6 +3,7 @@
 //!
 //! `bench_load --endpoint URL [--keys N] [--clients C] [--value-size V] [--prefix P]`
 //! `bench_load --endpoint URL --probe [--deadline-secs S]`
+//! `bench_load --endpoint URL --verify --keys N [--prefix P]` (fails unless N keys exist)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,7 @@ struct Opts {
     value_size: usize,
     prefix: String,
     probe: bool,
+    verify: bool,
     deadline: Duration,
 }
 
@@ -28,6 +30,7 @@ fn parse() -> Result<Opts> {
         value_size: 256,
         prefix: "bench/".into(),
         probe: false,
+        verify: false,
         deadline: Duration::from_secs(300),
     };
     let mut args = std::env::args().skip(1);
@@ -41,6 +44,7 @@ fn parse() -> Result<Opts> {
             "--prefix" => o.prefix = val()?,
             "--deadline-secs" => o.deadline = Duration::from_secs(val()?.parse()?),
             "--probe" => o.probe = true,
+            "--verify" => o.verify = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -54,6 +58,18 @@ async fn main() -> Result<()> {
         let start = Instant::now();
         concord_integration::wait_answering(&o.endpoint, o.deadline).await?;
         println!("ready_secs {:.3}", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    if o.verify {
+        let mut c = concord_integration::connect(&o.endpoint).await?;
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        let n = c.get(o.prefix.as_str(), Some(opts)).await?.count();
+        println!("count {n}");
+        if n as u64 != o.keys {
+            bail!("expected {} keys under {:?}, found {n}", o.keys, o.prefix);
+        }
         return Ok(());
     }
     let next = Arc::new(AtomicU64::new(0));
