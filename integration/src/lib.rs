@@ -112,40 +112,11 @@ impl Proc {
         })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
-    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let end = Instant::now() + grace;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        c.wait().ok()
-    }
-
-    /// Whether the process has exited (reaping it if so).
-    pub fn exited(&mut self) -> bool {
-        match self.child.as_mut() {
-            None => true,
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
         }
     }
 

@@ -745,6 +745,19 @@ impl WriterView<'_> {
         self.committed(key)
     }
 
+    /// `(create_revision, version)` of the key's newest state, from the overlay or the
+    /// index alone: no value is read.
+    fn latest_meta(&self, key: &[u8]) -> Option<(i64, i64)> {
+        match self.overlay.get(key) {
+            Some(v) => v.as_ref().map(|kv| (kv.create_revision, kv.version)),
+            None => self
+                .state
+                .index
+                .get(key, self.state.current)
+                .map(|m| (m.created.main, m.version)),
+        }
+    }
+
     fn committed(&self, key: &[u8]) -> Result<Option<KeyValue>> {
         let Some(m) = self.state.index.get(key, self.state.current) else {
             return Ok(None);
@@ -1094,12 +1107,26 @@ impl TxnExec<'_> {
     }
 
     fn put(&mut self, shared: &Shared, st: &State, p: &PutRequest) -> Result<PutResponse> {
-        let prev = self.view(shared, st).latest(&p.key)?;
+        let view = self.view(shared, st);
+        // The previous value is read only when the request needs it; creation and
+        // version come from the index.
+        let needs_prev = p.prev_kv || p.ignore_value || p.ignore_lease;
+        let prev = if needs_prev {
+            view.latest(&p.key)?
+        } else {
+            None
+        };
+        let (create_revision, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => view
+                .latest_meta(&p.key)
+                .map_or((self.rev, 1), |(c, v)| (c, v + 1)),
+        };
         let kv = KeyValue {
             key: p.key.clone(),
-            create_revision: prev.as_ref().map_or(self.rev, |kv| kv.create_revision),
+            create_revision,
             mod_revision: self.rev,
-            version: prev.as_ref().map_or(1, |kv| kv.version + 1),
+            version,
             value: match (&prev, p.ignore_value) {
                 (Some(prev), true) => prev.value.clone(),
                 _ => p.value.clone(),

@@ -242,7 +242,6 @@ impl KvBackend for Node {
 #[tonic::async_trait]
 impl MaintenanceBackend for Node {
     async fn status(&self) -> ApiResult<pb::StatusResponse> {
-        let store = self.store.clone();
         let (revision, index, (size, in_use)) = self
             .blocking(move |s| {
                 Ok((
@@ -252,7 +251,6 @@ impl MaintenanceBackend for Node {
                 ))
             })
             .await?;
-        drop(store);
         Ok(pb::StatusResponse {
             header: self.header(revision),
             version: concord_gateway::http::ETCD_API_VERSION.into(),
