@@ -39,6 +39,9 @@ pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
 pub use listener::ClientListener;
 pub use maintenance::{ClusterService, MaintenanceService};
+/// The attribute the backend traits are declared with; implementors use it too, so they
+/// need no direct tonic dependency.
+pub use tonic::async_trait;
 pub use validate::Limits;
 
 /// Everything a backend must provide to be served by [`router`].

@@ -171,7 +171,7 @@ fn unexpected(what: &Applied) -> ApiError {
     ApiError::Internal(format!("etcdserver: unexpected apply result {what:?}"))
 }
 
-#[tonic::async_trait]
+#[concord_gateway::async_trait]
 impl KvBackend for Node {
     async fn range(&self, req: pb::RangeRequest) -> ApiResult<pb::RangeResponse> {
         // One member: a linearizable read and a serializable read are the same read.
@@ -239,7 +239,7 @@ impl KvBackend for Node {
     }
 }
 
-#[tonic::async_trait]
+#[concord_gateway::async_trait]
 impl MaintenanceBackend for Node {
     async fn status(&self) -> ApiResult<pb::StatusResponse> {
         let (revision, index, (size, in_use)) = self
@@ -284,7 +284,7 @@ impl MaintenanceBackend for Node {
     }
 }
 
-#[tonic::async_trait]
+#[concord_gateway::async_trait]
 impl ClusterBackend for Node {
     async fn member_list(&self, _req: pb::MemberListRequest) -> ApiResult<pb::MemberListResponse> {
         Ok(pb::MemberListResponse {
@@ -295,7 +295,7 @@ impl ClusterBackend for Node {
     }
 }
 
-#[tonic::async_trait]
+#[concord_gateway::async_trait]
 impl HealthBackend for Node {
     async fn health(&self) -> ApiResult<()> {
         // The same probe etcdctl makes: a read through the normal path.
