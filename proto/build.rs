@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("protos");
+    // Read at run time: a build script binary compiled in another checkout that shares
+    // the target dir must not point at that checkout.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("protos");
     let files = [
         "mvccpb/kv.proto",
         "authpb/auth.proto",
