@@ -8,7 +8,8 @@
 //! Owns: the on-disk layout (column family `kv`, keyed by revision; `meta` for the
 //! compaction marks, the consistent index and caller metadata), the in-memory key
 //! index, range / put / delete / txn semantics exactly as etcd's applier evaluates them,
-//! and compaction in the background.
+//! compaction in the background, and point-in-time images for Raft snapshots
+//! ([`Store::export`], [`Store::import`]).
 //!
 //! Not: a network API, leases (a [`LeaseLookup`] answers whether one exists), or
 //! durability policy beyond one synced RocksDB write per [`Writer::commit`]. This is the
@@ -20,9 +21,11 @@
 mod codec;
 mod error;
 mod index;
+mod snapshot;
 mod store;
 pub mod types;
 
 pub use error::{Error, Result};
+pub use snapshot::Export;
 pub use store::{CompactWait, LeaseLookup, NoLeases, Store, StoreOptions, Writer};
 pub use types::*;

@@ -23,14 +23,14 @@ use crate::error::{Error, Result};
 use crate::index::{Index, KeyMeta};
 use crate::types::*;
 
-const CF_KV: &str = "kv";
-const CF_META: &str = "meta";
-const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
-const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
-const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
+pub(crate) const CF_KV: &str = "kv";
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
+pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
+pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
 /// Keys handed to callers through [`Store::meta`] / [`Writer::put_meta`] live here, apart
 /// from the store's own.
-const META_USER_PREFIX: &str = "user/";
+pub(crate) const META_USER_PREFIX: &str = "user/";
 /// How many keys compaction handles per hold of the index lock, and how many records
 /// it deletes per RocksDB write.
 const COMPACT_CHUNK: usize = 10_000;
@@ -49,29 +49,32 @@ impl Default for StoreOptions {
     }
 }
 
-struct State {
-    index: Index,
-    current: i64,
-    compacted: i64,
+pub(crate) struct State {
+    pub(crate) index: Index,
+    pub(crate) current: i64,
+    pub(crate) compacted: i64,
 }
 
-struct Shared {
-    db: DB,
-    state: RwLock<State>,
+pub(crate) struct Shared {
+    pub(crate) db: DB,
+    pub(crate) state: RwLock<State>,
+    /// Held by a compaction for its whole run, and by a snapshot import, so an import
+    /// never swaps the key index under a compaction that is deciding what to delete.
+    pub(crate) compaction: Mutex<()>,
 }
 
 impl Shared {
-    fn kv(&self) -> &ColumnFamily {
+    pub(crate) fn kv(&self) -> &ColumnFamily {
         self.db.cf_handle(CF_KV).expect("kv column family exists")
     }
 
-    fn meta_cf(&self) -> &ColumnFamily {
+    pub(crate) fn meta_cf(&self) -> &ColumnFamily {
         self.db
             .cf_handle(CF_META)
             .expect("meta column family exists")
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+    pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -108,10 +111,10 @@ struct CompactJob {
 
 /// The revisioned key-value store. Cheap to share behind an `Arc`.
 pub struct Store {
-    shared: Arc<Shared>,
-    writer: Mutex<()>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) writer: Mutex<()>,
     sync_writes: bool,
-    poisoned: Mutex<Option<String>>,
+    pub(crate) poisoned: Mutex<Option<String>>,
     compactor: Mutex<Option<mpsc::Sender<CompactJob>>>,
     compactor_thread: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -149,32 +152,11 @@ impl Store {
                 current: 1,
                 compacted: 0,
             }),
+            compaction: Mutex::new(()),
         });
         let scheduled = read_i64_meta(&shared, META_COMPACT_SCHEDULED)?.unwrap_or(0);
         let finished = read_i64_meta(&shared, META_COMPACT_FINISHED)?.unwrap_or(0);
-        {
-            let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
-            let mut max_rev = 1;
-            for item in shared.db.iterator_cf(shared.kv(), IteratorMode::Start) {
-                let (k, v) = item?;
-                let rev = decode_rev_key(&k)?;
-                let rec = decode_record(rev, &v)?;
-                let created = Revision::new(rec.kv.create_revision, 0);
-                st.index
-                    .restore(&rec.kv.key, rev, created, rec.kv.version, rec.tombstone);
-                max_rev = rev.main;
-            }
-            // Compaction may have removed the newest records (tombstones), but never
-            // past the compacted revision.
-            st.current = max_rev.max(scheduled);
-            st.compacted = scheduled;
-            tracing::info!(
-                revision = st.current,
-                compacted = scheduled,
-                keys = st.index.len(),
-                "mvcc store opened"
-            );
-        }
+        load_state(&shared, scheduled)?;
         let store = Store {
             shared: shared.clone(),
             writer: Mutex::new(()),
@@ -310,7 +292,7 @@ impl Store {
         })
     }
 
-    fn schedule_compaction(&self, revision: i64, wait: CompactWait) {
+    pub(crate) fn schedule_compaction(&self, revision: i64, wait: CompactWait) {
         let sent = self
             .compactor
             .lock()
@@ -346,7 +328,35 @@ impl Drop for Store {
     }
 }
 
-fn read_i64_meta(shared: &Shared, key: &[u8]) -> Result<Option<i64>> {
+/// Rebuilds the in-memory state (key index, current and compacted revisions) from the
+/// records on disk; `compacted` is the newest scheduled compaction.
+pub(crate) fn load_state(shared: &Shared, compacted: i64) -> Result<()> {
+    let mut index = Index::new();
+    let mut max_rev = 1;
+    for item in shared.db.iterator_cf(shared.kv(), IteratorMode::Start) {
+        let (k, v) = item?;
+        let rev = decode_rev_key(&k)?;
+        let rec = decode_record(rev, &v)?;
+        let created = Revision::new(rec.kv.create_revision, 0);
+        index.restore(&rec.kv.key, rev, created, rec.kv.version, rec.tombstone);
+        max_rev = rev.main;
+    }
+    let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
+    st.index = index;
+    // Compaction may have removed the newest records (tombstones), but never past the
+    // compacted revision.
+    st.current = max_rev.max(compacted);
+    st.compacted = compacted;
+    tracing::info!(
+        revision = st.current,
+        compacted,
+        keys = st.index.len(),
+        "mvcc state loaded"
+    );
+    Ok(())
+}
+
+pub(crate) fn read_i64_meta(shared: &Shared, key: &[u8]) -> Result<Option<i64>> {
     match shared.db.get_cf(shared.meta_cf(), key)? {
         None => Ok(None),
         Some(v) => {
@@ -1183,6 +1193,11 @@ fn compactor_loop(shared: &Shared, rx: mpsc::Receiver<CompactJob>) {
 /// Removes history before `at`: first from the index, chunk by chunk, then the records
 /// no reader can ask for any more. Readers were already refused revisions below `at`.
 fn compact(shared: &Shared, at: i64) -> Result<()> {
+    let _running = shared.compaction.lock().unwrap_or_else(|e| e.into_inner());
+    if at <= read_i64_meta(shared, META_COMPACT_FINISHED)?.unwrap_or(0) {
+        // An imported snapshot already carries this compaction's result.
+        return Ok(());
+    }
     let mut keep: HashSet<Revision> = HashSet::new();
     let mut cursor: Option<Vec<u8>> = None;
     loop {
