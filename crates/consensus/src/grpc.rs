@@ -1,0 +1,339 @@
+//! The network transport: a tonic `Peer` service. Each member keeps one client stream
+//! of message batches open to every peer (reconnecting when it breaks) and receives its
+//! peers' streams in its own `Peer` server. Snapshots travel on a stream of their own,
+//! in chunks, and are verified before the node sees them.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use concord_storage::SnapshotFile;
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::peerpb::peer_client::PeerClient;
+use crate::peerpb::peer_server::{Peer, PeerServer};
+use crate::peerpb::{Done, RaftBatch, SnapshotChunk};
+use crate::transport::{Inbox, Transport};
+
+/// Messages queued for one peer at most; more are dropped while it is slow or away.
+const PEER_QUEUE: usize = 4096;
+/// Bytes of messages sent in one batch at most.
+const BATCH_BYTES: usize = 4 << 20;
+/// Snapshot bytes per chunk.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Largest message the peer service accepts (a batch, or an entry near the request
+/// size limit plus framing).
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+/// Pause between reconnection attempts to a peer that is away.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 pings on peer connections: a link that stops answering (a peer frozen, a
+/// network that drops packets, a half-closed connection) is noticed within seconds and
+/// reconnected, instead of hanging until TCP gives up.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A batch that cannot be handed to the stream for this long means the stream is stuck.
+const SEND_STALL: Duration = Duration::from_secs(3);
+/// A stream that ends sooner than this counts as a failed attempt (back off).
+const SHORT_STREAM: Duration = Duration::from_secs(1);
+
+/// Sends Raft messages to peers over gRPC.
+pub struct GrpcTransport {
+    peers: HashMap<u64, String>,
+    local_ip: Option<IpAddr>,
+    runtime: tokio::runtime::Handle,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
+    inbox: OnceLock<Inbox>,
+}
+
+impl std::fmt::Debug for GrpcTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTransport")
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcTransport {
+    /// `peers`: id → peer URL (`http://host:port`) of every other member.
+    /// `local_ip`: bind outgoing connections to this address (the host this member
+    /// listens on for peers), so a peer's connections can be told apart by source.
+    /// Tasks run on `runtime`.
+    pub fn new(
+        peers: HashMap<u64, String>,
+        local_ip: Option<IpAddr>,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<GrpcTransport> {
+        Arc::new(GrpcTransport {
+            peers,
+            local_ip,
+            runtime,
+            queues: Mutex::new(HashMap::new()),
+            inbox: OnceLock::new(),
+        })
+    }
+
+    fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(url.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .local_address(self.local_ip))
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn attach(&self, inbox: Inbox) {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        for (&id, url) in &self.peers {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            queues.insert(id, tx);
+            match self.endpoint(url) {
+                Ok(ep) => {
+                    self.runtime.spawn(peer_loop(id, ep, rx, inbox.clone()));
+                }
+                Err(e) => {
+                    tracing::error!(peer = format!("{id:x}"), url, error = %e, "bad peer URL")
+                }
+            }
+        }
+        let _ = self.inbox.set(inbox);
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        for m in msgs {
+            let Some(q) = queues.get(&m.to) else {
+                tracing::debug!(to = m.to, "message for an unknown peer dropped");
+                continue;
+            };
+            match m.write_to_bytes() {
+                Ok(bytes) => {
+                    if q.try_send(bytes).is_err() {
+                        tracing::debug!(to = m.to, "peer queue full; message dropped");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "encoding a raft message"),
+            }
+        }
+    }
+
+    fn send_snapshot(&self, msg: Message, file: Arc<SnapshotFile>) {
+        let Some(inbox) = self.inbox.get().cloned() else {
+            return;
+        };
+        let to = msg.to;
+        let Some(ep) = self.peers.get(&to).and_then(|u| self.endpoint(u).ok()) else {
+            inbox.snapshot_status(to, false);
+            return;
+        };
+        self.runtime.spawn(async move {
+            let r = send_snapshot(ep, msg, file).await;
+            if let Err(e) = &r {
+                tracing::warn!(to = format!("{to:x}"), error = %e, "sending a snapshot failed");
+            }
+            inbox.snapshot_status(to, r.is_ok());
+        });
+    }
+}
+
+/// Keeps a stream open to one peer and feeds it from the peer's queue.
+async fn peer_loop(id: u64, ep: Endpoint, mut rx: mpsc::Receiver<Vec<u8>>, inbox: Inbox) {
+    let mut reported = false;
+    loop {
+        let channel = match ep.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                if !reported {
+                    tracing::debug!(peer = format!("{id:x}"), error = %e, "peer unreachable");
+                    reported = true;
+                }
+                inbox.unreachable(id);
+                // Whatever queued meanwhile is stale; Raft resends what it needs.
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(RECONNECT_BACKOFF).await;
+                if rx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        reported = false;
+        let began = std::time::Instant::now();
+        if !stream_to(channel, &mut rx).await {
+            return;
+        }
+        inbox.unreachable(id);
+        if began.elapsed() < SHORT_STREAM {
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
+        }
+    }
+}
+
+/// Streams batches until the stream breaks (returns true: reconnect) or the queue
+/// closes (false: the node is gone).
+async fn stream_to(channel: Channel, rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
+    let mut client = PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE);
+    let (tx, srx) = mpsc::channel::<RaftBatch>(16);
+    let mut call = Box::pin(client.raft(ReceiverStream::new(srx)));
+    loop {
+        tokio::select! {
+            _ = &mut call => return true,
+            m = rx.recv() => {
+                let Some(first) = m else { return false };
+                let mut size = first.len();
+                let mut messages = vec![first];
+                while size < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            size += m.len();
+                            messages.push(m);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // Waiting here while the peer is slow is fine: the raft thread never
+                // waits on this task, it drops messages when the queue is full.
+                tokio::select! {
+                    r = tokio::time::timeout(SEND_STALL, tx.send(RaftBatch { messages })) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            return true;
+                        }
+                    }
+                    _ = &mut call => return true,
+                }
+            }
+        }
+    }
+}
+
+async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> Result<(), String> {
+    let channel = ep.connect().await.map_err(|e| e.to_string())?;
+    let mut client = PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE);
+    let header = msg.write_to_bytes().map_err(|e| e.to_string())?;
+    let total = file.len();
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+    // Reading the file is blocking work; it feeds the stream from its own thread.
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let mut r = file.raw_reader().map_err(|e| e.to_string())?;
+        let mut first = Some(header);
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut n = 0;
+            while n < buf.len() {
+                match r.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            buf.truncate(n);
+            let last = n == 0;
+            let chunk = SnapshotChunk {
+                message: first.take().unwrap_or_default(),
+                total_bytes: total,
+                data: buf,
+            };
+            if tx.blocking_send(chunk).is_err() {
+                return Err("snapshot stream closed".into());
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    });
+    let sent = client
+        .snapshot(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| s.message().to_string());
+    let read = reader.await.map_err(|e| e.to_string())?;
+    sent?;
+    read
+}
+
+/// The `Peer` service: delivers what peers send into this node's inbox.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    inbox: Inbox,
+}
+
+/// The `Peer` gRPC service for a node, ready to add to a tonic server.
+pub fn peer_service(inbox: Inbox) -> PeerServer<PeerService> {
+    PeerServer::new(PeerService { inbox })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
+        let mut s = req.into_inner();
+        while let Some(batch) = s.message().await? {
+            for m in batch.messages {
+                self.inbox
+                    .step_bytes(&m)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            }
+        }
+        Ok(Response::new(Done {}))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Done>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let msg = Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("snapshot message: {e}")))?;
+        let total = first.total_bytes;
+        let inbox = self.inbox.clone();
+        let mut w = inbox
+            .import_snapshot()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut received = first.data.len() as u64;
+        tokio::task::block_in_place(|| w.write_all(&first.data))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(c) = s.message().await? {
+            received += c.data.len() as u64;
+            if received > total {
+                return Err(Status::invalid_argument("snapshot longer than announced"));
+            }
+            tokio::task::block_in_place(|| w.write_all(&c.data))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        if received != total {
+            return Err(Status::invalid_argument(format!(
+                "snapshot truncated: {received} of {total} bytes"
+            )));
+        }
+        let file = tokio::task::block_in_place(|| w.finish())
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        tracing::info!(
+            index = file.meta().index,
+            bytes = total,
+            "snapshot received"
+        );
+        inbox
+            .install_snapshot(msg, file)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(Done {}))
+    }
+}

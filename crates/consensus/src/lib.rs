@@ -1,0 +1,35 @@
+//! # concord-consensus
+//!
+//! Raft for Concord, on TiKV's raft-rs, generic over the state machine it replicates.
+//!
+//! Owns: the one thread that owns `raft::RawNode` and processes its `Ready` in
+//! raft-rs's documented order (with the WAL of `concord-storage` for durability, one
+//! fsync per Ready); the apply thread that feeds committed entries to a
+//! [`StateMachine`] and completes proposals by id; ReadIndex with concurrent reads
+//! batched into one round; snapshots every `snapshot_count` entries, log compaction,
+//! and sending and installing snapshots in chunks; the peer [`Transport`] (gRPC in
+//! [`grpc`], in-process with fault filters in [`local`]); pre-vote and check-quorum.
+//!
+//! Not: what the commands mean (the state machine's business), client-facing errors
+//! (callers map [`Error`]), or membership changes (static membership for now).
+//!
+//! Key types: [`start`] → [`Node`] with a [`Handle`] (propose, read_index, status),
+//! [`StateMachine`], [`Config`], [`Transport`] and [`Inbox`]. raft-rs's types do not
+//! appear in the API except in [`Transport`], which transports implement.
+
+mod error;
+pub mod grpc;
+pub mod local;
+mod log;
+mod logger;
+mod node;
+mod transport;
+
+#[allow(clippy::all, missing_docs)]
+pub(crate) mod peerpb {
+    tonic::include_proto!("concord.peer");
+}
+
+pub use error::{Error, Result};
+pub use node::{Committed, Config, Handle, Node, Role, StateMachine, Status, start};
+pub use transport::{Inbox, Transport};

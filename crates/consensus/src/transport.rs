@@ -1,0 +1,95 @@
+//! How Raft messages leave and enter a node. The raft thread hands outgoing messages to
+//! a [`Transport`]; whatever carries them delivers incoming ones through the receiving
+//! node's [`Inbox`]. [`crate::grpc`] carries them over the network, [`crate::local`]
+//! between nodes in one process (with faults, for tests).
+
+use std::sync::Arc;
+
+use concord_storage::{ImportWriter, SnapshotFile, SnapshotStore};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::node::NodeMsg;
+
+/// Carries a node's outgoing Raft messages.
+pub trait Transport: Send + Sync + 'static {
+    /// Called once, before the first message is sent, with the sending node's inbox
+    /// (where delivery failures are reported).
+    fn attach(&self, inbox: Inbox);
+    /// Queues messages for their recipients. Never blocks the raft thread: a message
+    /// that cannot be queued is dropped (Raft retransmits what matters).
+    fn send(&self, msgs: Vec<Message>);
+    /// Sends a snapshot file, then `msg` (the MsgSnapshot that refers to it); reports
+    /// the outcome through the inbox's [`Inbox::snapshot_status`].
+    fn send_snapshot(&self, msg: Message, file: Arc<SnapshotFile>);
+}
+
+/// The way into a running node's raft thread for network input. Cheap to clone.
+#[derive(Clone)]
+pub struct Inbox {
+    pub(crate) id: u64,
+    pub(crate) tx: mpsc::Sender<NodeMsg>,
+    pub(crate) snaps: Arc<SnapshotStore>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").field("id", &self.id).finish()
+    }
+}
+
+impl Inbox {
+    /// The node's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Delivers a message. If the node's queue is full the message is dropped, as a
+    /// lossy network would; Raft recovers.
+    pub fn step(&self, msg: Message) {
+        if self.tx.try_send(NodeMsg::Step(msg)).is_err() {
+            tracing::debug!(member_id = self.id, "raft inbox full; message dropped");
+        }
+    }
+
+    /// Decodes and delivers a message received as bytes.
+    pub fn step_bytes(&self, bytes: &[u8]) -> Result<()> {
+        let msg = Message::parse_from_bytes(bytes)
+            .map_err(|e| Error::Raft(format!("bad message: {e}")))?;
+        self.step(msg);
+        Ok(())
+    }
+
+    /// Tells Raft that `to` could not be reached (it slows down sending there).
+    pub fn unreachable(&self, to: u64) {
+        let _ = self.tx.try_send(NodeMsg::Unreachable(to));
+    }
+
+    /// Tells Raft whether a snapshot sent to `to` arrived.
+    pub fn snapshot_status(&self, to: u64, delivered: bool) {
+        let _ = self.tx.try_send(NodeMsg::SnapshotStatus(to, delivered));
+    }
+
+    /// A writer for a snapshot file arriving from the leader; its checksum is verified
+    /// when it is finished.
+    pub fn import_snapshot(&self) -> Result<ImportWriter> {
+        Ok(self.snaps.import()?)
+    }
+
+    /// Hands a received, verified snapshot file and its MsgSnapshot to the node.
+    pub async fn install_snapshot(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.tx
+            .send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// [`Inbox::install_snapshot`] for threads outside the async runtime.
+    pub fn install_snapshot_blocking(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.tx
+            .blocking_send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
+            .map_err(|_| Error::Stopped)
+    }
+}
