@@ -91,7 +91,7 @@ async fn rpcs_not_offered_yet_answer_unimplemented_not_hang() {
 }
 
 #[tokio::test]
-async fn refuses_multi_member_clusters_with_a_clear_error() {
+async fn joining_an_existing_cluster_without_data_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(concord_integration::concord_bin())
         .arg("--data-dir")
@@ -101,16 +101,20 @@ async fn refuses_multi_member_clusters_with_a_clear_error() {
             "a",
             "--initial-advertise-peer-urls",
             "http://127.0.0.1:1",
-        ])
-        .args([
+            "--listen-peer-urls",
+            "http://127.0.0.1:0",
+            "--listen-client-urls",
+            "http://127.0.0.1:0",
             "--initial-cluster",
             "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
+            "--initial-cluster-state",
+            "existing",
         ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("single-member"), "{err}");
+    assert!(err.contains("--initial-cluster-state=existing"), "{err}");
 }
 
 #[tokio::test]

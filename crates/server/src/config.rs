@@ -61,6 +61,9 @@ pub struct Args {
     /// Applied entries between snapshots.
     #[arg(long)]
     pub snapshot_count: Option<u64>,
+    /// Entries kept behind a snapshot so slow followers catch up from the log.
+    #[arg(long = "experimental-snapshot-catchup-entries")]
+    pub snapshot_catchup_entries: Option<u64>,
     /// Backend size quota in bytes, reported as etcd's `dbSizeQuota`.
     #[arg(long)]
     pub quota_backend_bytes: Option<i64>,
@@ -88,6 +91,7 @@ pub struct Config {
     pub heartbeat_interval: u64,
     pub election_timeout: u64,
     pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
     pub quota_backend_bytes: i64,
     pub log_level: String,
 }
@@ -116,6 +120,7 @@ impl Config {
             .set_default("heartbeat_interval", 100)?
             .set_default("election_timeout", 1000)?
             .set_default("snapshot_count", 100_000)?
+            .set_default("snapshot_catchup_entries", 5_000)?
             .set_default("quota_backend_bytes", 2i64 * 1024 * 1024 * 1024)?
             .set_default("log_level", "info")?;
         if let Some(f) = &args.config_file {
@@ -138,6 +143,7 @@ impl Config {
             .set_override_option("heartbeat_interval", a.heartbeat_interval)?
             .set_override_option("election_timeout", a.election_timeout)?
             .set_override_option("snapshot_count", a.snapshot_count)?
+            .set_override_option("snapshot_catchup_entries", a.snapshot_catchup_entries)?
             .set_override_option("quota_backend_bytes", a.quota_backend_bytes)?
             .set_override_option("log_level", a.log_level)?;
         let mut c: Config = b.build()?.try_deserialize()?;
@@ -176,13 +182,6 @@ impl Config {
                 self.name
             ));
         }
-        let names: std::collections::BTreeSet<_> = members.iter().map(|(n, _)| n).collect();
-        if names.len() > 1 {
-            return bad(format!(
-                "--initial-cluster lists {} members; this build of concord runs single-member clusters only",
-                names.len()
-            ));
-        }
         let mut advertised = split_urls(&self.initial_advertise_peer_urls);
         let mut listed: Vec<String> = mine.iter().map(|(_, u)| u.clone()).collect();
         advertised.sort();
@@ -198,7 +197,35 @@ impl Config {
         for u in split_urls(&self.listen_client_urls) {
             parse_url(&u)?;
         }
+        for u in split_urls(&self.listen_peer_urls) {
+            parse_url(&u)?;
+        }
+        if self.snapshot_count == 0 {
+            return bad("--snapshot-count must be positive".into());
+        }
         Ok(())
+    }
+
+    /// Members of `--initial-cluster` as `(name, peer urls)`, in order of first
+    /// appearance; a name listed more than once has several URLs.
+    pub fn initial_member_urls(&self) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        for (name, url) in self.initial_members()? {
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, urls)) => urls.push(url),
+                None => out.push((name, vec![url])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Addresses to listen on for peers.
+    pub fn peer_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut out = Vec::new();
+        for u in split_urls(&self.listen_peer_urls) {
+            out.extend(parse_url(&u)?);
+        }
+        Ok(out)
     }
 
     /// `(name, peer url)` pairs of `--initial-cluster`.

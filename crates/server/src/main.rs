@@ -1,4 +1,5 @@
-//! `concord`: one Concord member serving the etcd v3 API on its client URLs.
+//! `concord`: one Concord member serving the etcd v3 API on its client URLs and Raft
+//! on its peer URLs.
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,8 +29,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let (node, apply_thread) =
-        Node::open(&cfg).with_context(|| format!("opening {}", cfg.data_dir))?;
+    let started = Node::open(&cfg).with_context(|| format!("opening {}", cfg.data_dir))?;
+    let node = started.node.clone();
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
@@ -53,9 +54,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 .await
         }));
     }
+    for addr in cfg.peer_listen_addrs()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for peers on {addr}"))?;
+        tracing::info!(%addr, "serving peers");
+        let mut stop = stop_rx.clone();
+        let svc = concord_consensus::grpc::peer_service(node.inbox());
+        servers.push(tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(concord_consensus::grpc::KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(concord_consensus::grpc::KEEPALIVE_TIMEOUT))
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+                .map_err(std::io::Error::other)
+        }));
+    }
     eprintln!("concord ready: member {:x}", node.identity().member_id);
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    let failed = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = node.stopped() => true,
+    };
+    if failed {
+        tracing::error!("the raft node stopped; shutting down");
+    } else {
+        tracing::info!("shutting down");
+    }
     let _ = stop_tx.send(true);
     // In-flight requests get a moment to finish; a client that keeps its connection
     // open does not hold the process hostage.
@@ -70,9 +100,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections still open after the grace period; closing"),
     }
     drop(router);
-    // The apply loop ends once the last proposer (held by the node) is gone.
     drop(node);
-    let _ = tokio::task::spawn_blocking(move || apply_thread.join()).await;
+    let _ = tokio::task::spawn_blocking(move || started.raft.shutdown()).await;
+    if failed {
+        anyhow::bail!("stopped after a fatal error (see the log above)");
+    }
     Ok(())
 }
 

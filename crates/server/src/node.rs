@@ -1,8 +1,13 @@
-//! A Concord member: the store, the apply loop, and the identity that goes into every
-//! response header. Implements the gateway's backend traits.
+//! A Concord member: the store, the Raft node that orders writes, and the identity
+//! that goes into every response header. Implements the gateway's backend traits.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use concord_consensus as consensus;
 use concord_gateway::{
     ClusterBackend, Error as ApiError, HealthBackend, KvBackend, MaintenanceBackend,
     Result as ApiResult,
@@ -10,13 +15,12 @@ use concord_gateway::{
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 
-use crate::apply::{self, Applied, Command, Proposer};
+use crate::apply::{Applied, Command, KvMachine, Output};
 use crate::config::{Config, split_urls};
 use crate::convert;
 
 const META_MEMBER_ID: &str = "member_id";
 const META_CLUSTER_ID: &str = "cluster_id";
-const META_TERM: &str = "term";
 
 /// Member and cluster identity, fixed when the data directory is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,24 +42,47 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// As etcd derives it: from the member's peer URLs and the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    // 0 means "none" to Raft.
+    fnv64(&[urls.join(",").as_bytes(), token.as_bytes()]).max(1)
+}
+
+/// Every member of `--initial-cluster` with its derived id, in the listed order.
+pub fn initial_members(cfg: &Config) -> anyhow::Result<Vec<(u64, String, Vec<String>)>> {
+    let mut out = Vec::new();
+    for (name, urls) in cfg.initial_member_urls()? {
+        out.push((member_id(&urls, &cfg.initial_cluster_token), name, urls));
+    }
+    let mut ids: Vec<u64> = out.iter().map(|m| m.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != out.len() {
+        anyhow::bail!("--initial-cluster lists the same peer URLs under two names");
+    }
+    Ok(out)
+}
+
 impl Identity {
-    /// As etcd derives them: the member id from its peer URLs and the cluster token,
-    /// the cluster id from the member ids.
-    pub fn derive(cfg: &Config) -> Identity {
-        let mut urls = split_urls(&cfg.initial_advertise_peer_urls);
-        urls.sort();
-        let member_id = fnv64(&[
-            urls.join(",").as_bytes(),
-            cfg.initial_cluster_token.as_bytes(),
-        ]);
-        let cluster_id = fnv64(&[
-            &member_id.to_be_bytes(),
-            cfg.initial_cluster_token.as_bytes(),
-        ]);
-        Identity {
+    /// As etcd derives them: each member id from its peer URLs and the cluster token,
+    /// the cluster id from all member ids.
+    pub fn derive(cfg: &Config) -> anyhow::Result<Identity> {
+        let members = initial_members(cfg)?;
+        let member_id = members
+            .iter()
+            .find(|m| m.1 == cfg.name)
+            .map(|m| m.0)
+            .ok_or_else(|| anyhow::anyhow!("{:?} is not in --initial-cluster", cfg.name))?;
+        let mut ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+        ids.sort_unstable();
+        let joined: Vec<u8> = ids.iter().flat_map(|i| i.to_be_bytes()).collect();
+        let cluster_id = fnv64(&[&joined, cfg.initial_cluster_token.as_bytes()]);
+        Ok(Identity {
             cluster_id,
             member_id,
-        }
+        })
     }
 }
 
@@ -69,69 +96,144 @@ fn meta_u64(store: &mvcc::Store, name: &str) -> mvcc::Result<Option<u64>> {
     })
 }
 
+/// etcd's client-visible error for a consensus failure.
+pub fn raft_error(e: consensus::Error) -> ApiError {
+    match e {
+        consensus::Error::NoLeader => ApiError::NoLeader,
+        consensus::Error::LeaderChanged => ApiError::LeaderChanged,
+        consensus::Error::Timeout => ApiError::Timeout,
+        consensus::Error::Stopped => ApiError::Stopped,
+        other => ApiError::Internal(format!("etcdserver: {other}")),
+    }
+}
+
 /// The member, as served to clients.
 pub struct Node {
     store: Arc<mvcc::Store>,
-    proposer: Proposer,
+    raft: consensus::Handle<Output>,
     identity: Identity,
-    term: u64,
-    member: pb::Member,
+    members: Vec<pb::Member>,
     quota: i64,
 }
 
+/// A running member: what serves clients, and what the binary stops on shutdown.
+pub struct Started {
+    pub node: Arc<Node>,
+    pub raft: consensus::Node<Output>,
+}
+
 impl Node {
-    /// Opens the member's store under the configured data directory, restores or
-    /// creates its identity, and starts the apply loop.
-    pub fn open(cfg: &Config) -> anyhow::Result<(Arc<Node>, std::thread::JoinHandle<()>)> {
-        let dir = std::path::Path::new(&cfg.data_dir).join("mvcc");
-        std::fs::create_dir_all(&dir)?;
-        let store = Arc::new(mvcc::Store::open(&dir, mvcc::StoreOptions::default())?);
-        let stored = (
+    /// Opens the member's store and Raft log under the configured data directory,
+    /// restores or creates its identity, and starts Raft with peers reached over gRPC
+    /// (tasks on the current tokio runtime).
+    pub fn open(cfg: &Config) -> anyhow::Result<Started> {
+        let data = Path::new(&cfg.data_dir);
+        let mvcc_dir = data.join("mvcc");
+        let raft_dir = data.join("raft");
+        let existed = raft_dir.join("wal").exists();
+        if cfg.initial_cluster_state == "existing" && !existed {
+            anyhow::bail!(
+                "--initial-cluster-state=existing needs this member to be added to the cluster \
+                 first (member add), which this version does not support; start every member \
+                 of a new cluster with --initial-cluster-state=new"
+            );
+        }
+        std::fs::create_dir_all(&mvcc_dir)?;
+        // The Raft WAL makes every applied write re-creatable, so the store itself does
+        // not fsync (one fsync per write batch, in the WAL).
+        let store = Arc::new(mvcc::Store::open(
+            &mvcc_dir,
+            mvcc::StoreOptions { sync_writes: false },
+        )?);
+        let derived = Identity::derive(cfg)?;
+        let identity = match (
             meta_u64(&store, META_MEMBER_ID)?,
             meta_u64(&store, META_CLUSTER_ID)?,
-        );
-        let identity = match stored {
+        ) {
             (Some(member_id), Some(cluster_id)) => Identity {
                 cluster_id,
                 member_id,
             },
-            _ => Identity::derive(cfg),
+            _ => derived,
         };
-        // A single member elects itself once per start, so its term moves on like a
-        // Raft leader's would: 2 on first start, one more on every restart.
-        let term = meta_u64(&store, META_TERM)?.unwrap_or(1) + 1;
         let mut w = store.writer()?;
         w.put_meta(META_MEMBER_ID, &identity.member_id.to_be_bytes());
         w.put_meta(META_CLUSTER_ID, &identity.cluster_id.to_be_bytes());
-        w.put_meta(META_TERM, &term.to_be_bytes());
         w.commit(None)?;
+        let members = initial_members(cfg)?;
         tracing::info!(
             member_id = format!("{:x}", identity.member_id),
             cluster_id = format!("{:x}", identity.cluster_id),
-            term,
+            members = members.len(),
             "member identity"
         );
-        let (proposer, handle) = apply::start(store.clone(), Arc::new(mvcc::NoLeases))?;
-        let member = pb::Member {
-            id: identity.member_id,
-            name: cfg.name.clone(),
-            peer_ur_ls: split_urls(&cfg.initial_advertise_peer_urls),
-            client_ur_ls: split_urls(&cfg.advertise_client_urls),
-            is_learner: false,
-        };
+        let peers: HashMap<u64, String> = members
+            .iter()
+            .filter(|m| m.0 != identity.member_id)
+            .map(|m| (m.0, m.2[0].clone()))
+            .collect();
+        let local_ip = cfg
+            .peer_listen_addrs()?
+            .first()
+            .map(|a| a.ip())
+            .filter(|ip: &IpAddr| !ip.is_unspecified());
+        let transport =
+            consensus::grpc::GrpcTransport::new(peers, local_ip, tokio::runtime::Handle::current());
+        let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
+        let mut rcfg = consensus::Config::new(
+            identity.member_id,
+            members.iter().map(|m| m.0).collect(),
+            raft_dir,
+        );
+        rcfg.tick = tick;
+        rcfg.election_ticks = (cfg.election_timeout / cfg.heartbeat_interval.max(1)) as usize;
+        rcfg.heartbeat_ticks = 1;
+        rcfg.snapshot_count = cfg.snapshot_count;
+        rcfg.catch_up_entries = cfg.snapshot_catchup_entries;
+        // etcd's request timeout: 5 s plus two election timeouts.
+        rcfg.request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
+        let machine = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases));
+        let raft = consensus::start(rcfg, machine, transport)?;
+        let client_urls = split_urls(&cfg.advertise_client_urls);
+        let members = members
+            .into_iter()
+            .map(|(id, name, peer_urls)| pb::Member {
+                id,
+                client_ur_ls: if id == identity.member_id {
+                    client_urls.clone()
+                } else {
+                    Vec::new()
+                },
+                name,
+                peer_ur_ls: peer_urls,
+                is_learner: false,
+            })
+            .collect();
         let node = Node {
             store,
-            proposer,
+            raft: raft.handle.clone(),
             identity,
-            term,
-            member,
+            members,
             quota: cfg.quota_backend_bytes,
         };
-        Ok((Arc::new(node), handle))
+        Ok(Started {
+            node: Arc::new(node),
+            raft,
+        })
     }
 
     pub fn identity(&self) -> Identity {
         self.identity
+    }
+
+    /// Where peers deliver Raft messages for this member.
+    pub fn inbox(&self) -> consensus::Inbox {
+        self.raft.inbox()
+    }
+
+    /// Resolves when Raft has stopped (a fatal storage error, or shutdown).
+    pub async fn stopped(&self) {
+        self.raft.stopped().await
     }
 
     fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
@@ -139,7 +241,7 @@ impl Node {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
-            raft_term: self.term,
+            raft_term: self.raft.status().term,
         })
     }
 
@@ -149,10 +251,17 @@ impl Node {
     }
 
     async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
-        match self.proposer.propose(cmd).await {
-            Some(r) => r.map_err(convert::api_error),
-            None => Err(ApiError::Stopped),
-        }
+        self.raft
+            .propose(&cmd.encode())
+            .await
+            .map_err(raft_error)?
+            .map_err(convert::api_error)
+    }
+
+    /// Waits until this member has applied everything committed before the call
+    /// (ReadIndex), so a read after it is linearizable.
+    async fn linearize(&self) -> ApiResult<()> {
+        self.raft.read_index().await.map(|_| ()).map_err(raft_error)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -167,6 +276,25 @@ impl Node {
     }
 }
 
+/// etcd serves a read-only txn serializably only when every range in it asks for that.
+fn txn_is_serializable(t: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request;
+    let mut any = false;
+    let all = t
+        .success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(r)) => {
+                any = true;
+                r.serializable
+            }
+            Some(Request::RequestTxn(inner)) => txn_is_serializable(inner),
+            _ => true,
+        });
+    all && any
+}
+
 fn unexpected(what: &Applied) -> ApiError {
     ApiError::Internal(format!("etcdserver: unexpected apply result {what:?}"))
 }
@@ -174,7 +302,9 @@ fn unexpected(what: &Applied) -> ApiError {
 #[concord_gateway::async_trait]
 impl KvBackend for Node {
     async fn range(&self, req: pb::RangeRequest) -> ApiResult<pb::RangeResponse> {
-        // One member: a linearizable read and a serializable read are the same read.
+        if !req.serializable {
+            self.linearize().await?;
+        }
         let req = convert::range_req(req);
         let r = self.blocking(move |s| s.range(&req)).await?;
         let mut resp = convert::range_resp(r);
@@ -183,7 +313,7 @@ impl KvBackend for Node {
     }
 
     async fn put(&self, req: pb::PutRequest) -> ApiResult<pb::PutResponse> {
-        match self.propose(Command::Put(convert::put_req(req))).await? {
+        match self.propose(Command::Put(req)).await? {
             Applied::Put(r) => {
                 let mut resp = convert::put_resp(r);
                 resp.header = self.fill(resp.header);
@@ -197,10 +327,7 @@ impl KvBackend for Node {
         &self,
         req: pb::DeleteRangeRequest,
     ) -> ApiResult<pb::DeleteRangeResponse> {
-        match self
-            .propose(Command::DeleteRange(convert::delete_req(req)))
-            .await?
-        {
+        match self.propose(Command::DeleteRange(req)).await? {
             Applied::DeleteRange(r) => {
                 let mut resp = convert::delete_resp(r);
                 resp.header = self.fill(resp.header);
@@ -211,11 +338,15 @@ impl KvBackend for Node {
     }
 
     async fn txn(&self, req: pb::TxnRequest) -> ApiResult<pb::TxnResponse> {
-        let txn = convert::txn_req(req);
+        let serializable = txn_is_serializable(&req);
+        let txn = convert::txn_req(req.clone());
         let r = if txn.is_read_only() {
+            if !serializable {
+                self.linearize().await?;
+            }
             self.blocking(move |s| s.read_txn(&txn)).await?
         } else {
-            match self.propose(Command::Txn(txn)).await? {
+            match self.propose(Command::Txn(req)).await? {
                 Applied::Txn(r) => r,
                 other => return Err(unexpected(&other)),
             }
@@ -226,11 +357,12 @@ impl KvBackend for Node {
     }
 
     async fn compact(&self, req: pb::CompactionRequest) -> ApiResult<pb::CompactionResponse> {
-        let (revision, wait) = match self.propose(Command::Compact(req.revision)).await? {
+        let physical = req.physical;
+        let (revision, wait) = match self.propose(Command::Compact(req)).await? {
             Applied::Compact(rev, wait) => (rev, wait),
             other => return Err(unexpected(&other)),
         };
-        if req.physical {
+        if physical {
             self.blocking(move |_| wait.wait()).await?;
         }
         Ok(pb::CompactionResponse {
@@ -242,24 +374,23 @@ impl KvBackend for Node {
 #[concord_gateway::async_trait]
 impl MaintenanceBackend for Node {
     async fn status(&self) -> ApiResult<pb::StatusResponse> {
-        let (revision, index, (size, in_use)) = self
-            .blocking(move |s| {
-                Ok((
-                    s.current_revision(),
-                    s.consistent_index()?,
-                    s.size_on_disk(),
-                ))
-            })
+        let (revision, (size, in_use)) = self
+            .blocking(move |s| Ok((s.current_revision(), s.size_on_disk())))
             .await?;
+        let st = self.raft.status();
+        let mut errors = Vec::new();
+        if st.leader == 0 {
+            errors.push(ApiError::NoLeader.to_string());
+        }
         Ok(pb::StatusResponse {
             header: self.header(revision),
             version: concord_gateway::http::ETCD_API_VERSION.into(),
             db_size: size,
-            leader: self.identity.member_id,
-            raft_index: index,
-            raft_term: self.term,
-            raft_applied_index: index,
-            errors: Vec::new(),
+            leader: st.leader,
+            raft_index: st.commit,
+            raft_term: st.term,
+            raft_applied_index: st.applied,
+            errors,
             db_size_in_use: in_use,
             is_learner: false,
             storage_version: String::new(),
@@ -290,7 +421,7 @@ impl ClusterBackend for Node {
         Ok(pb::MemberListResponse {
             // etcd's Cluster service headers carry no revision.
             header: self.header(0),
-            members: vec![self.member.clone()],
+            members: self.members.clone(),
         })
     }
 }
@@ -298,7 +429,9 @@ impl ClusterBackend for Node {
 #[concord_gateway::async_trait]
 impl HealthBackend for Node {
     async fn health(&self) -> ApiResult<()> {
-        // The same probe etcdctl makes: a read through the normal path.
+        // The same probe etcdctl makes: a linearizable read through the normal path,
+        // which fails without a leader.
+        self.linearize().await?;
         let req = mvcc::RangeRequest {
             range: mvcc::KeyRange::new("health", ""),
             ..Default::default()
@@ -322,12 +455,41 @@ mod tests {
             };
             Config::load(&a).unwrap()
         };
-        let a = Identity::derive(&cfg("t1", "http://127.0.0.1:2380"));
-        assert_eq!(a, Identity::derive(&cfg("t1", "http://127.0.0.1:2380")));
-        assert_ne!(a, Identity::derive(&cfg("t2", "http://127.0.0.1:2380")));
-        assert_ne!(
-            a.member_id,
-            Identity::derive(&cfg("t1", "http://127.0.0.1:2381")).member_id
+        let id = |t: &str, u: &str| Identity::derive(&cfg(t, u)).unwrap();
+        let a = id("t1", "http://127.0.0.1:2380");
+        assert_eq!(a, id("t1", "http://127.0.0.1:2380"));
+        assert_ne!(a, id("t2", "http://127.0.0.1:2380"));
+        assert_ne!(a.member_id, id("t1", "http://127.0.0.1:2381").member_id);
+    }
+
+    #[test]
+    fn every_member_derives_the_same_ids() {
+        let cluster = "n1=http://127.0.0.1:7001,n2=http://127.0.0.1:7002,n3=http://127.0.0.1:7003";
+        let ids: Vec<Identity> = (1..=3)
+            .map(|i| {
+                let a = crate::config::Args {
+                    name: Some(format!("n{i}")),
+                    initial_advertise_peer_urls: Some(format!("http://127.0.0.1:700{i}")),
+                    initial_cluster: Some(cluster.into()),
+                    ..Default::default()
+                };
+                Identity::derive(&Config::load(&a).unwrap()).unwrap()
+            })
+            .collect();
+        assert!(ids.iter().all(|i| i.cluster_id == ids[0].cluster_id));
+        let members = initial_members(
+            &Config::load(&crate::config::Args {
+                name: Some("n1".into()),
+                initial_advertise_peer_urls: Some("http://127.0.0.1:7001".into()),
+                initial_cluster: Some(cluster.into()),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            members.iter().map(|m| m.0).collect::<Vec<_>>(),
+            ids.iter().map(|i| i.member_id).collect::<Vec<_>>()
         );
     }
 }
