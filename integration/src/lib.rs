@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod cluster;
-pub mod proxy;
 pub mod linearizability;
+pub mod proxy;
 
 /// How long a server may take to answer after it is started.
 pub const READY_DEADLINE: Duration = Duration::from_secs(60);

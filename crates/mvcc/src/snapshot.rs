@@ -377,11 +377,17 @@ mod tests {
         src.export().unwrap().read_to_end(&mut image).unwrap();
         let dst = Store::open(dir.path().join("b"), StoreOptions::default()).unwrap();
         let cut = &image[..image.len() - 3];
-        assert!(matches!(dst.import(&mut &cut[..], 9), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            dst.import(&mut &cut[..], 9),
+            Err(Error::Corrupt(_))
+        ));
         assert_eq!(dst.consistent_index().unwrap(), 0);
         let mut bad = image.clone();
         bad[0] ^= 1;
-        assert!(matches!(dst.import(&mut &bad[..], 9), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            dst.import(&mut &bad[..], 9),
+            Err(Error::Corrupt(_))
+        ));
         dst.import(&mut &image[..], 9).unwrap();
         assert_eq!(get_at(&dst, "a", 0), Some(b"1".to_vec()));
     }

@@ -1,0 +1,532 @@
+//! Jepsen-style linearizability test: concurrent clients run random gets, puts and
+//! compare-and-sets on a few keys of a 3-member cluster while a nemesis SIGKILLs and
+//! restarts members, SIGSTOPs the leader and partitions members; every operation is
+//! recorded with its invoke and completion time and the history is checked with the
+//! project's Wing–Gong–Lowe checker ([`concord_integration::linearizability`]).
+//!
+//! * `JEPSEN_SECS` (default 30): how long the clients and the nemesis run.
+//! * `JEPSEN_TARGET=etcd`: run against a real etcd cluster instead of Concord (to
+//!   validate the test itself). etcd does not bind its outgoing peer connections, so
+//!   the proxies cannot partition it: the nemesis then skips partitions.
+//! * `JEPSEN_SEED`: the random seed (printed on every run), to replay a schedule.
+//!
+//! Recording rules: an op is invoked right before it is sent and completed right
+//! after its answer. A get that fails constrains nothing (the checker drops unknown
+//! gets); a put or cas that fails in *any* way (timeout, `Unavailable`, connection
+//! reset, ...) may still have been applied, so it is recorded as
+//! [`Outcome::Unknown`], never as "did not happen".
+//!
+//! Liveness: every fault is undone before the next (restart, SIGCONT, heal), and then
+//! every member must serve a write and a linearizable read again within 30 s. If one
+//! does not, the run stops there; the history so far is still checked, and every
+//! member's log and the loopback TCP connections (`ss -tnp`, to tell a stuck peer
+//! link from a cut one) are printed.
+//!
+//! `scripts/jepsen.sh [SECS]` runs the same test for longer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
+use concord_integration::linearizability::{self, Event, Op, Outcome, Recorder};
+use concord_integration::{etcd_bin, wait_until};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+
+/// Keys the clients work on (few, so operations contend).
+const KEYS: [&str; 4] = ["jepsen/a", "jepsen/b", "jepsen/c", "jepsen/d"];
+/// Concurrent clients (each a sequential process with its own connection).
+const CLIENTS: usize = 8;
+/// Per-request gRPC timeout.
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Hard bound on one operation, in case a request ignores its gRPC deadline.
+const OP_GUARD: Duration = Duration::from_secs(5);
+/// Wall-time budget of the checker per key.
+const CHECK_BUDGET: Duration = Duration::from_secs(30);
+/// A dead cluster must not pass: at least this many ops must have a known outcome.
+const MIN_OK_OPS: u64 = 200;
+
+/// xorshift64*: small seeded PRNG (the integration crate has no `rand`).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// Counters shared by all clients.
+#[derive(Default)]
+struct Stats {
+    get_ok: AtomicU64,
+    put_ok: AtomicU64,
+    cas_true: AtomicU64,
+    cas_false: AtomicU64,
+    get_failed: AtomicU64,
+    write_unknown: AtomicU64,
+    reconnects: AtomicU64,
+    /// Failures by kind (gRPC code and message, or "client timeout").
+    errors: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    fn error(&self, kind: String) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_insert(0) += 1;
+    }
+
+    fn ok(&self) -> u64 {
+        self.get_ok.load(Ordering::Relaxed)
+            + self.put_ok.load(Ordering::Relaxed)
+            + self.cas_true.load(Ordering::Relaxed)
+            + self.cas_false.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write!(
+            f,
+            "ok ops {} (get {}, put {}, cas true {}, cas false {}); failed gets {}; \
+             unknown puts/cas {}; reconnects {}",
+            self.ok(),
+            l(&self.get_ok),
+            l(&self.put_ok),
+            l(&self.cas_true),
+            l(&self.cas_false),
+            l(&self.get_failed),
+            l(&self.write_unknown),
+            l(&self.reconnects)
+        )?;
+        let errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        for (kind, n) in errors.iter() {
+            write!(f, "\n  {n} x {kind}")?;
+        }
+        Ok(())
+    }
+}
+
+async fn connect(endpoint: &str) -> Result<Client> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(OP_TIMEOUT);
+    Ok(Client::connect([endpoint], Some(opts)).await?)
+}
+
+/// Connects to `endpoint` and waits until the member answers a serializable read
+/// (not recorded: it only keeps a client from burning through ops against a member
+/// that is down). `None` if `stop` passes first.
+async fn reconnect(endpoint: &str, stop: Instant) -> Option<Client> {
+    while Instant::now() < stop {
+        let attempt = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut c = connect(endpoint).await?;
+            c.get("jepsen/probe", Some(GetOptions::new().with_serializable()))
+                .await?;
+            anyhow::Ok(c)
+        })
+        .await;
+        if let Ok(Ok(c)) = attempt {
+            return Some(c);
+        }
+        // Back-off between attempts while the member is down or stopped.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Performs `op`; `Err` means the outcome is unknown.
+async fn perform(c: &mut Client, op: &Op) -> Result<Outcome> {
+    match op {
+        Op::Get { key } => {
+            let r = c.get(key.as_str(), None).await?;
+            Ok(Outcome::Get(match r.kvs() {
+                [] => None,
+                [kv] => Some(kv.value_str()?.to_string()),
+                more => bail!("{} kvs for one key", more.len()),
+            }))
+        }
+        Op::Put { key, value } => {
+            c.put(key.as_str(), value.as_str(), None).await?;
+            Ok(Outcome::Put)
+        }
+        Op::Cas { key, expected, new } => {
+            let cmp = match expected {
+                Some(v) => Compare::value(key.as_str(), CompareOp::Equal, v.as_str()),
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            };
+            let txn =
+                Txn::new()
+                    .when([cmp])
+                    .and_then([TxnOp::put(key.as_str(), new.as_str(), None)]);
+            Ok(Outcome::Cas(c.txn(txn).await?.succeeded()))
+        }
+    }
+}
+
+/// A short description of a failure, for the summary (values and ports stripped).
+fn error_kind(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<etcd_client::Error>() {
+        Some(etcd_client::Error::GRpcStatus(s)) => {
+            let msg: String = s.message().chars().take(60).collect();
+            format!("{:?}: {msg}", s.code())
+        }
+        Some(other) => format!("{other}").chars().take(80).collect(),
+        None => format!("{e}").chars().take(80).collect(),
+    }
+}
+
+/// One client: a sequential process issuing random ops until `stop`.
+async fn client_loop(
+    id: usize,
+    endpoint: String,
+    rec: Recorder,
+    stats: Arc<Stats>,
+    stop: Instant,
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed);
+    // The last value this client saw per key: cas mostly expects it, so some swap.
+    let mut seen: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    let mut conn = reconnect(&endpoint, stop).await;
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        let Some(c) = conn.as_mut() else {
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            conn = reconnect(&endpoint, stop).await;
+            continue;
+        };
+        let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+        n += 1;
+        let value = format!("c{id}-{n}");
+        let op = match rng.below(10) {
+            0..4 => Op::Get { key: key.into() },
+            4..7 => Op::Put {
+                key: key.into(),
+                value,
+            },
+            r => Op::Cas {
+                key: key.into(),
+                expected: if r == 9 {
+                    None
+                } else {
+                    seen.get(key).cloned().flatten()
+                },
+                new: value,
+            },
+        };
+        let pending = rec.invoke(id, op.clone());
+        let result = tokio::time::timeout(OP_GUARD, perform(c, &op)).await;
+        match result {
+            Ok(Ok(outcome)) => {
+                pending.complete(outcome.clone());
+                match (&op, outcome) {
+                    (Op::Get { .. }, Outcome::Get(v)) => {
+                        stats.get_ok.fetch_add(1, Ordering::Relaxed);
+                        seen.insert(key, v);
+                    }
+                    (Op::Put { value, .. }, _) => {
+                        stats.put_ok.fetch_add(1, Ordering::Relaxed);
+                        seen.insert(key, Some(value.clone()));
+                    }
+                    (Op::Cas { new, .. }, Outcome::Cas(true)) => {
+                        stats.cas_true.fetch_add(1, Ordering::Relaxed);
+                        seen.insert(key, Some(new.clone()));
+                    }
+                    _ => {
+                        stats.cas_false.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                // Any failure: the write may or may not have been applied.
+                pending.complete(Outcome::Unknown);
+                stats.error(match &result {
+                    Ok(Err(e)) => error_kind(e),
+                    _ => "no answer within the guard timeout".into(),
+                });
+                if matches!(op, Op::Get { .. }) {
+                    stats.get_failed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.write_unknown.fetch_add(1, Ordering::Relaxed);
+                }
+                conn = None;
+                // Back off a little, so a leaderless stretch (which fails fast with
+                // "no leader") does not flood the history with unknown writes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    Kill9Restart,
+    PauseLeader,
+    Partition,
+}
+
+/// Cycles through the faults until too little time is left for another one; every
+/// fault is undone (restart, resume, heal) before the next starts.
+async fn nemesis(
+    cluster: &mut Cluster,
+    stop: Instant,
+    rng: &mut Rng,
+    counts: &mut BTreeMap<Fault, u32>,
+) -> Result<()> {
+    let faults: &[Fault] = if cluster.kind == Kind::Concord {
+        &[Fault::Kill9Restart, Fault::PauseLeader, Fault::Partition]
+    } else {
+        &[Fault::Kill9Restart, Fault::PauseLeader]
+    };
+    let n = cluster.members.len();
+    let mut next = rng.below(faults.len() as u64) as usize;
+    loop {
+        // Quiet period, then a fault lasting a few seconds.
+        let quiet = rng.millis(1_000, 2_000);
+        let fault_len = rng.millis(2_000, 3_500);
+        if Instant::now() + quiet + fault_len + Duration::from_secs(2) >= stop {
+            break;
+        }
+        tokio::time::sleep(quiet).await;
+        let fault = faults[next % faults.len()];
+        next += 1;
+        let t0 = Instant::now();
+        let member = match fault {
+            Fault::Kill9Restart => {
+                let i = rng.below(n as u64) as usize;
+                cluster.kill9(i);
+                tokio::time::sleep(fault_len).await;
+                cluster.restart(i).await?;
+                println!(
+                    "nemesis: kill -9 n{} for {fault_len:?}, restarted after {:?}",
+                    i + 1,
+                    t0.elapsed()
+                );
+                i
+            }
+            Fault::PauseLeader => {
+                let i = cluster.leader().await.context("finding the leader")?;
+                cluster.pause(i)?;
+                tokio::time::sleep(fault_len).await;
+                cluster.resume(i)?;
+                println!("nemesis: SIGSTOP leader n{} for {fault_len:?}", i + 1);
+                i
+            }
+            Fault::Partition => {
+                let i = rng.below(n as u64) as usize;
+                cluster.partition(i)?;
+                tokio::time::sleep(fault_len).await;
+                cluster.heal();
+                println!("nemesis: partition n{} for {fault_len:?}", i + 1);
+                i
+            }
+        };
+        *counts.entry(fault).or_insert(0) += 1;
+        // Every fault is transient: once it is undone the cluster must serve again
+        // (a 3-member cluster tolerates one fault at a time).
+        wait_recovered(cluster).await.with_context(|| {
+            format!(
+                "the cluster did not recover from {fault:?} of n{}",
+                member + 1
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Waits until every member answers a linearizable read and a write (the cluster
+/// recovered from the nemesis).
+async fn wait_recovered(cluster: &Cluster) -> Result<()> {
+    for i in 0..cluster.members.len() {
+        let endpoint = cluster.endpoint(i);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("n{} serving after the nemesis", i + 1),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut c = connect(&endpoint).await?;
+                    c.put("jepsen/recovered", endpoint.as_str(), None).await?;
+                    c.get("jepsen/recovered", None).await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Prints each member's pid and peer addresses and the loopback TCP connections
+/// (`ss -tnp`), so a peer link that is stuck (open but not delivering) or missing can
+/// be told apart from a cut one when the cluster does not recover.
+fn print_links(cluster: &Cluster) {
+    for m in &cluster.members {
+        println!(
+            "{}: pid {:?}, peer listen {}, advertised (proxy) {}",
+            m.name,
+            m.pid(),
+            m.peer_listen,
+            m.peer_advertise
+        );
+    }
+    println!("test process (proxies): pid {}", std::process::id());
+    match std::process::Command::new("ss").args(["-tnp"]).output() {
+        Ok(out) => println!("{}", String::from_utf8_lossy(&out.stdout)),
+        Err(e) => println!("ss -tnp: {e}"),
+    }
+}
+
+/// Writes the whole history (sorted by invoke time) next to the system temp dir, for
+/// reading a violation.
+fn dump_history(events: &[Event]) -> std::path::PathBuf {
+    let mut sorted: Vec<&Event> = events.iter().collect();
+    sorted.sort_by_key(|e| (e.op.key().to_string(), e.invoke));
+    let text: String = sorted.iter().map(|e| format!("{e}\n")).collect();
+    let path = std::env::temp_dir().join(format!("jepsen-history-{}.txt", std::process::id()));
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("writing {}: {e}", path.display());
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_under_nemesis() {
+    let secs: u64 = std::env::var("JEPSEN_SECS")
+        .ok()
+        .map(|s| s.parse().expect("JEPSEN_SECS must be a number of seconds"))
+        .unwrap_or(30);
+    let kind = match std::env::var("JEPSEN_TARGET").as_deref() {
+        Ok("etcd") => Kind::Etcd,
+        Ok("concord") | Err(_) => Kind::Concord,
+        Ok(other) => panic!("JEPSEN_TARGET must be concord or etcd, not {other:?}"),
+    };
+    if kind == Kind::Etcd {
+        assert!(
+            etcd_bin().is_some(),
+            "JEPSEN_TARGET=etcd needs /usr/bin/etcd"
+        );
+    }
+    let seed: u64 = std::env::var("JEPSEN_SEED")
+        .ok()
+        .map(|s| s.parse().expect("JEPSEN_SEED must be a number"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("jepsen: {kind:?}, {secs} s, {CLIENTS} clients, seed {seed}");
+
+    let opts = ClusterOptions {
+        size: 3,
+        proxied: kind == Kind::Concord,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(kind, opts)
+        .await
+        .expect("starting a 3-member cluster");
+    let endpoints = cluster.endpoints();
+
+    let rec = Recorder::new();
+    let stats = Arc::new(Stats::default());
+    let start = Instant::now();
+    let stop = start + Duration::from_secs(secs);
+    let mut rng = Rng::new(seed);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            tokio::spawn(client_loop(
+                id,
+                endpoints[id % endpoints.len()].clone(),
+                rec.clone(),
+                stats.clone(),
+                stop,
+                rng.next(),
+            ))
+        })
+        .collect();
+
+    let mut faults = BTreeMap::new();
+    let nemesis_result = nemesis(&mut cluster, stop, &mut rng, &mut faults).await;
+    // Whatever happened, leave the cluster whole.
+    cluster.heal();
+    for i in 0..cluster.members.len() {
+        if cluster.members[i].pid().is_some() {
+            let _ = cluster.resume(i);
+        }
+    }
+    if nemesis_result.is_err() {
+        // No point running on: the history so far is still checked below. Ops cut
+        // short are recorded as unknown.
+        for c in &clients {
+            c.abort();
+        }
+    }
+    for c in clients {
+        if let Err(e) = c.await {
+            assert!(e.is_cancelled(), "client task panicked: {e}");
+        }
+    }
+    let ran = start.elapsed();
+    let mut failures = Vec::new();
+    match nemesis_result {
+        Err(e) => failures.push(format!("nemesis failed: {e:#}")),
+        Ok(()) => {
+            if let Err(e) = wait_recovered(&cluster).await {
+                failures.push(format!("the cluster did not recover after the run: {e:#}"));
+            }
+        }
+    }
+
+    let events = rec.events();
+    let t0 = Instant::now();
+    let report = linearizability::check(&events, CHECK_BUDGET);
+    let check_time = t0.elapsed();
+    println!("jepsen: ran {ran:.1?}, {} events recorded", events.len());
+    println!("jepsen: faults {faults:?}");
+    println!("jepsen: {stats}");
+    println!("jepsen: checked in {check_time:.1?}: {report}");
+
+    if !report.is_linearizable() {
+        let path = dump_history(&events);
+        failures.push(format!(
+            "history is not linearizable (full history in {}): {report}",
+            path.display()
+        ));
+    }
+    if !failures.is_empty() {
+        cluster.print_logs();
+        print_links(&cluster);
+        panic!("{}", failures.join("\n"));
+    }
+    assert!(
+        stats.ok() >= MIN_OK_OPS,
+        "too little work got done under the nemesis ({stats}); a dead cluster cannot pass"
+    );
+    assert!(
+        !faults.is_empty(),
+        "the nemesis injected no fault (JEPSEN_SECS too short?)"
+    );
+}
