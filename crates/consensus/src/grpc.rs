@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::peerpb::peer_client::PeerClient;
 use crate::peerpb::peer_server::{Peer, PeerServer};
-use crate::peerpb::{Done, RaftBatch, SnapshotChunk};
+use crate::peerpb::{AttributesReply, Done, RaftBatch, SnapshotChunk};
 use crate::transport::{Inbox, Transport};
 
 /// Messages queued for one peer at most; more are dropped while it is slow or away.
@@ -264,21 +264,44 @@ async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> R
     read
 }
 
+/// Asks the member at `url` for the attributes it publishes (see [`peer_service`]).
+pub async fn fetch_attributes(url: &str, local_ip: Option<IpAddr>) -> Result<Vec<u8>, String> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(KEEPALIVE_TIMEOUT)
+        .local_address(local_ip);
+    let channel = ep.connect().await.map_err(|e| e.to_string())?;
+    let reply = PeerClient::new(channel)
+        .attributes(Done {})
+        .await
+        .map_err(|s| s.message().to_string())?;
+    Ok(reply.into_inner().attributes)
+}
+
 /// The `Peer` service: delivers what peers send into this node's inbox.
 #[derive(Debug, Clone)]
 pub struct PeerService {
     inbox: Inbox,
+    attributes: Vec<u8>,
 }
 
-/// The `Peer` gRPC service for a node, ready to add to a tonic server.
-pub fn peer_service(inbox: Inbox) -> PeerServer<PeerService> {
-    PeerServer::new(PeerService { inbox })
+/// The `Peer` gRPC service for a node, ready to add to a tonic server. `attributes` are
+/// what the member publishes about itself to peers that ask.
+pub fn peer_service(inbox: Inbox, attributes: Vec<u8>) -> PeerServer<PeerService> {
+    PeerServer::new(PeerService { inbox, attributes })
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE)
 }
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn attributes(&self, _req: Request<Done>) -> Result<Response<AttributesReply>, Status> {
+        Ok(Response::new(AttributesReply {
+            attributes: self.attributes.clone(),
+        }))
+    }
+
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
         let mut s = req.into_inner();
         while let Some(batch) = s.message().await? {

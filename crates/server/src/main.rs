@@ -60,7 +60,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("listening for peers on {addr}"))?;
         tracing::info!(%addr, "serving peers");
         let mut stop = stop_rx.clone();
-        let svc = concord_consensus::grpc::peer_service(node.inbox());
+        let svc = concord_consensus::grpc::peer_service(node.inbox(), node.attributes());
         servers.push(tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(concord_consensus::grpc::KEEPALIVE_INTERVAL))

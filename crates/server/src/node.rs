@@ -112,7 +112,9 @@ pub struct Node {
     store: Arc<mvcc::Store>,
     raft: consensus::Handle<Output>,
     identity: Identity,
-    members: Vec<pb::Member>,
+    /// Client URLs of other members fill in as they answer `Peer/Attributes`.
+    members: std::sync::Mutex<Vec<pb::Member>>,
+    client_urls: Vec<String>,
     quota: i64,
 }
 
@@ -172,6 +174,7 @@ impl Node {
             .filter(|m| m.0 != identity.member_id)
             .map(|m| (m.0, m.2[0].clone()))
             .collect();
+        let peer_list: Vec<(u64, String)> = peers.iter().map(|(i, u)| (*i, u.clone())).collect();
         let local_ip = cfg
             .peer_listen_addrs()?
             .first()
@@ -209,21 +212,27 @@ impl Node {
                 is_learner: false,
             })
             .collect();
-        let node = Node {
+        let node = Arc::new(Node {
             store,
             raft: raft.handle.clone(),
             identity,
-            members,
+            members: std::sync::Mutex::new(members),
+            client_urls,
             quota: cfg.quota_backend_bytes,
-        };
-        Ok(Started {
-            node: Arc::new(node),
-            raft,
-        })
+        });
+        for (id, url) in peer_list {
+            tokio::spawn(learn_client_urls(Arc::downgrade(&node), id, url, local_ip));
+        }
+        Ok(Started { node, raft })
     }
 
     pub fn identity(&self) -> Identity {
         self.identity
+    }
+
+    /// What this member publishes to its peers: its client URLs, comma-separated.
+    pub fn attributes(&self) -> Vec<u8> {
+        self.client_urls.join(",").into_bytes()
     }
 
     /// Where peers deliver Raft messages for this member.
@@ -273,6 +282,31 @@ impl Node {
             .await
             .map_err(|e| ApiError::Internal(format!("etcdserver: read task failed: {e}")))?
             .map_err(convert::api_error)
+    }
+}
+
+/// Asks peer `id` for its client URLs until it answers (etcd members publish them
+/// through Raft; here each member asks its peers directly), while the node lives.
+async fn learn_client_urls(
+    node: std::sync::Weak<Node>,
+    id: u64,
+    url: String,
+    local_ip: Option<IpAddr>,
+) {
+    loop {
+        if let Ok(attrs) = consensus::grpc::fetch_attributes(&url, local_ip).await {
+            let Some(node) = node.upgrade() else { return };
+            let urls = split_urls(&String::from_utf8_lossy(&attrs));
+            let mut members = node.members.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = members.iter_mut().find(|m| m.id == id) {
+                m.client_ur_ls = urls;
+            }
+            return;
+        }
+        if node.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -421,7 +455,11 @@ impl ClusterBackend for Node {
         Ok(pb::MemberListResponse {
             // etcd's Cluster service headers carry no revision.
             header: self.header(0),
-            members: self.members.clone(),
+            members: self
+                .members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         })
     }
 }
