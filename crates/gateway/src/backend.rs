@@ -35,3 +35,26 @@ pub trait ClusterBackend: Send + Sync + 'static {
 pub trait HealthBackend: Send + Sync + 'static {
     async fn health(&self) -> Result<()>;
 }
+
+/// One client's watch stream, opened by [`WatchBackend::open_watch`]. Requests arrive
+/// as etcd sends them; every answer (created, events, progress, cancelled) comes out of
+/// [`WatchSession::next`] in the order the client must see it. Dropping the session
+/// cancels its watchers.
+#[tonic::async_trait]
+pub trait WatchSession: Send + Sync + 'static {
+    fn create(&self, req: WatchCreateRequest);
+    /// Unknown ids are ignored, as etcd does.
+    fn cancel(&self, watch_id: i64);
+    /// `RequestProgress`.
+    fn progress(&self);
+    /// Resolves when the session can take another request.
+    async fn writable(&self);
+    /// The next response with its header filled in, and whether its watcher asked for
+    /// fragmenting; `None` once the session is closed.
+    async fn next(&self) -> Option<(WatchResponse, bool)>;
+}
+
+/// The Watch service's backend.
+pub trait WatchBackend: Send + Sync + 'static {
+    fn open_watch(&self) -> Result<Box<dyn WatchSession>>;
+}

@@ -6,13 +6,13 @@
 //! option combinations, duplicate keys in a txn), handed to the backend, and its error,
 //! if any, turned into etcd's gRPC code and text in one place ([`Error`]).
 //!
-//! Owns: the gRPC services (`KV`, `Maintenance`, `Cluster`, `grpc.health.v1.Health`),
+//! Owns: the gRPC services (`KV`, `Watch`, `Maintenance`, `Cluster`, `grpc.health.v1.Health`),
 //! the HTTP endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`),
 //! and the composition of both into one router ([`router`]).
 //!
 //! Not: storage, consensus, or anything that knows how the data is kept; it depends on
 //! no other Concord crate than `concord-proto`. Put it in front of a different backend
-//! by implementing [`KvBackend`], [`MaintenanceBackend`], [`ClusterBackend`] and
+//! by implementing [`KvBackend`], [`WatchBackend`], [`MaintenanceBackend`], [`ClusterBackend`] and
 //! [`HealthBackend`].
 
 mod backend;
@@ -23,6 +23,7 @@ mod kv;
 mod listener;
 mod maintenance;
 mod validate;
+mod watch;
 
 use std::sync::Arc;
 
@@ -30,10 +31,13 @@ use axum::response::IntoResponse;
 
 use concord_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer,
 };
 use concord_proto::grpc::health::v1::health_server::HealthServer;
 
-pub use backend::{ClusterBackend, HealthBackend, KvBackend, MaintenanceBackend};
+pub use backend::{
+    ClusterBackend, HealthBackend, KvBackend, MaintenanceBackend, WatchBackend, WatchSession,
+};
 pub use error::{Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
@@ -43,15 +47,24 @@ pub use maintenance::{ClusterService, MaintenanceService};
 /// need no direct tonic dependency.
 pub use tonic::async_trait;
 pub use validate::Limits;
+pub use watch::{WatchService, create_filters, fragments};
 
 /// Everything a backend must provide to be served by [`router`].
-pub trait Backend: KvBackend + MaintenanceBackend + ClusterBackend + HealthBackend {}
-impl<T: KvBackend + MaintenanceBackend + ClusterBackend + HealthBackend> Backend for T {}
+pub trait Backend:
+    KvBackend + WatchBackend + MaintenanceBackend + ClusterBackend + HealthBackend
+{
+}
+impl<T: KvBackend + WatchBackend + MaintenanceBackend + ClusterBackend + HealthBackend> Backend
+    for T
+{
+}
 
 /// One router for the client port: gRPC (HTTP/2) services and the HTTP endpoints.
 pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
     let max = limits.max_grpc_message();
     let kv = KvServer::from_arc(Arc::new(KvService::new(backend.clone(), limits)))
+        .max_decoding_message_size(max);
+    let watch = WatchServer::from_arc(Arc::new(WatchService::new(backend.clone(), limits)))
         .max_decoding_message_size(max);
     let maintenance = MaintenanceServer::new(MaintenanceService::new(backend.clone()))
         .max_decoding_message_size(max);
@@ -59,6 +72,7 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
         ClusterServer::new(ClusterService::new(backend.clone())).max_decoding_message_size(max);
     let health = HealthServer::new(HealthService::new(backend.clone()));
     let grpc = tonic::service::Routes::new(kv)
+        .add_service(watch)
         .add_service(maintenance)
         .add_service(cluster)
         .add_service(health)

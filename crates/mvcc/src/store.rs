@@ -264,6 +264,56 @@ impl Store {
         Ok(resp)
     }
 
+    /// Every change with a main revision in `from..=to`, in revision order, read from
+    /// one consistent view. Stops early only at the end of a revision, once
+    /// `max_events` or `max_bytes` (keys plus values) is reached. If `from` is below the
+    /// compaction point the answer is [`HistoryPage::Compacted`] with that revision.
+    pub fn history(
+        &self,
+        from: i64,
+        to: i64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<HistoryPage> {
+        let (snap, compacted) = {
+            let st = self.shared.read_state();
+            // Taken under the state lock: records this read needs are only removed by
+            // compactions that are not yet visible to it.
+            (self.shared.db.snapshot(), st.compacted)
+        };
+        if from < compacted {
+            return Ok(HistoryPage::Compacted(compacted));
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        ro.set_iterate_upper_bound(rev_key(Revision::new(to.saturating_add(1), 0)).to_vec());
+        let start = rev_key(Revision::new(from, 0));
+        let mut out: Vec<HistoryEvent> = Vec::new();
+        let mut bytes = 0usize;
+        let iter = self.shared.db.iterator_cf_opt(
+            self.shared.kv(),
+            ro,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            let rev = decode_rev_key(&k)?;
+            if let Some(last) = out.last()
+                && last.kv.mod_revision != rev.main
+                && (out.len() >= max_events || bytes >= max_bytes)
+            {
+                break;
+            }
+            let rec = decode_record(rev, &v)?;
+            bytes += rec.kv.key.len() + rec.kv.value.len();
+            out.push(HistoryEvent {
+                tombstone: rec.tombstone,
+                kv: rec.kv,
+            });
+        }
+        Ok(HistoryPage::Events(out))
+    }
+
     /// Starts a write batch. Only one exists at a time; others wait here.
     pub fn writer(&self) -> Result<Writer<'_>> {
         let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -289,6 +339,7 @@ impl Store {
             rev: base,
             compacted,
             compactions: Vec::new(),
+            flushed: Vec::new(),
         })
     }
 
@@ -721,6 +772,8 @@ pub struct Writer<'a> {
     /// Compacted revision including compactions requested in this batch.
     compacted: i64,
     compactions: Vec<(i64, CompactWait)>,
+    /// Changes made visible by this batch so far, for [`Writer::commit_changes`].
+    flushed: Vec<Change>,
 }
 
 /// Tells whether a lease id is granted; the store does not own leases.
@@ -1021,7 +1074,16 @@ impl Writer<'_> {
     /// Writes the batch in one RocksDB write, then makes it visible. `consistent_index`
     /// (the log index of the last entry applied) is written in the same write, so
     /// replaying a log after a crash can skip what is already here.
-    pub fn commit(mut self, consistent_index: Option<u64>) -> Result<i64> {
+    pub fn commit(self, consistent_index: Option<u64>) -> Result<i64> {
+        self.commit_changes(consistent_index).map(|(rev, _)| rev)
+    }
+
+    /// [`Writer::commit`], also returning every change the batch made, in revision
+    /// order: what a watch hub publishes.
+    pub fn commit_changes(
+        mut self,
+        consistent_index: Option<u64>,
+    ) -> Result<(i64, Vec<HistoryEvent>)> {
         if let Some(i) = consistent_index {
             self.meta.push((
                 META_CONSISTENT_INDEX.to_vec(),
@@ -1029,7 +1091,14 @@ impl Writer<'_> {
             ));
         }
         self.flush()?;
-        Ok(self.rev)
+        let changes = std::mem::take(&mut self.flushed)
+            .into_iter()
+            .map(|c| HistoryEvent {
+                tombstone: c.tombstone,
+                kv: c.kv,
+            })
+            .collect();
+        Ok((self.rev, changes))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -1071,6 +1140,7 @@ impl Writer<'_> {
                 } else {
                     st.index.put(&c.kv.key, c.rev);
                 }
+                self.flushed.push(c);
             }
             st.current = self.rev;
             st.compacted = self.compacted;

@@ -211,3 +211,19 @@ pub struct TxnResponse {
     pub succeeded: bool,
     pub responses: Vec<ResponseOp>,
 }
+
+/// One change in the store's history: a put (the key's new state) or a delete (a
+/// tombstone carrying the key and the deleting revision as `mod_revision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub tombstone: bool,
+    pub kv: KeyValue,
+}
+
+/// The answer of [`crate::Store::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryPage {
+    Events(Vec<HistoryEvent>),
+    /// The revisions asked for are compacted; history starts at this revision.
+    Compacted(i64),
+}

@@ -79,14 +79,17 @@ pub type Output = mvcc::Result<Applied>;
 pub struct KvMachine {
     store: Arc<mvcc::Store>,
     leases: Arc<dyn mvcc::LeaseLookup + Send + Sync>,
+    /// Gets every applied revision's changes once they are readable.
+    hub: Arc<concord_watch::Hub>,
 }
 
 impl KvMachine {
     pub fn new(
         store: Arc<mvcc::Store>,
         leases: Arc<dyn mvcc::LeaseLookup + Send + Sync>,
+        hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
-        KvMachine { store, leases }
+        KvMachine { store, leases, hub }
     }
 }
 
@@ -122,7 +125,8 @@ impl StateMachine for KvMachine {
             .map(|c| apply_one(&mut writer, &*self.leases, c.data))
             .collect();
         let last = cmds.last().map(|c| c.index);
-        writer.commit(last).map_err(|e| e.to_string())?;
+        let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
+        crate::watch::publish_changes(&self.hub, changes);
         Ok(outputs)
     }
 
@@ -131,7 +135,11 @@ impl StateMachine for KvMachine {
     }
 
     fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
-        self.store.import(image, index).map_err(|e| e.to_string())
+        self.store.import(image, index).map_err(|e| e.to_string())?;
+        // The revisions the snapshot skipped were never published: watchers catch up
+        // from the store (or learn that their history was compacted).
+        self.hub.resync(self.store.current_revision());
+        Ok(())
     }
 }
 
@@ -174,7 +182,12 @@ mod tests {
         let store = Arc::new(
             mvcc::Store::open(dir.path(), mvcc::StoreOptions { sync_writes: false }).unwrap(),
         );
-        let mut m = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases));
+        let hub = Arc::new(concord_watch::Hub::new(
+            Arc::new(crate::watch::StoreHistory(store.clone())),
+            store.current_revision(),
+            concord_watch::HubOptions::default(),
+        ));
+        let mut m = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases), hub);
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),

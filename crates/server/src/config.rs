@@ -70,6 +70,45 @@ pub struct Args {
     /// Log filter (`info`, `debug`, or a `tracing` filter); `RUST_LOG` wins.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// How often watchers that asked for progress notifications get one when idle, as
+    /// a Go duration (`10m`, `5s`, `500ms`). etcd 3.4's name has `experimental-`.
+    #[arg(long, alias = "experimental-watch-progress-notify-interval")]
+    pub watch_progress_notify_interval: Option<String>,
+}
+
+/// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
+/// (`h`, `m`, `s`, `ms`, `us`, `µs`, `ns`), e.g. `1m30s` or `1.5s`.
+pub fn parse_go_duration(s: &str) -> Option<std::time::Duration> {
+    let mut rest = s.trim();
+    if rest == "0" {
+        return Some(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += n * scale;
+    }
+    Some(std::time::Duration::from_secs_f64(total))
 }
 
 /// Resolved settings.
@@ -94,6 +133,7 @@ pub struct Config {
     pub snapshot_catchup_entries: u64,
     pub quota_backend_bytes: i64,
     pub log_level: String,
+    pub watch_progress_notify_interval: String,
 }
 
 /// A configuration that cannot be used; the text says which setting and why.
@@ -122,7 +162,8 @@ impl Config {
             .set_default("snapshot_count", 100_000)?
             .set_default("snapshot_catchup_entries", 5_000)?
             .set_default("quota_backend_bytes", 2i64 * 1024 * 1024 * 1024)?
-            .set_default("log_level", "info")?;
+            .set_default("log_level", "info")?
+            .set_default("watch_progress_notify_interval", "10m")?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -145,7 +186,11 @@ impl Config {
             .set_override_option("snapshot_count", a.snapshot_count)?
             .set_override_option("snapshot_catchup_entries", a.snapshot_catchup_entries)?
             .set_override_option("quota_backend_bytes", a.quota_backend_bytes)?
-            .set_override_option("log_level", a.log_level)?;
+            .set_override_option("log_level", a.log_level)?
+            .set_override_option(
+                "watch_progress_notify_interval",
+                a.watch_progress_notify_interval,
+            )?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -157,8 +202,22 @@ impl Config {
         Ok(c)
     }
 
+    /// `--watch-progress-notify-interval` as a duration.
+    pub fn watch_progress_interval(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_go_duration(&self.watch_progress_notify_interval)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "invalid value {:?} for --watch-progress-notify-interval: use a positive \
+                     duration such as 10m, 30s or 500ms",
+                    self.watch_progress_notify_interval
+                ))
+            })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
+        self.watch_progress_interval()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",
@@ -299,6 +358,42 @@ mod tests {
         assert_eq!(c.initial_cluster, "default=http://localhost:2380");
         assert_eq!((c.heartbeat_interval, c.election_timeout), (100, 1000));
         assert_eq!((c.max_request_bytes, c.max_txn_ops), (1536 * 1024, 128));
+    }
+
+    #[test]
+    fn watch_progress_interval_takes_go_durations() {
+        let c = Config::load(&Args::default()).unwrap();
+        assert_eq!(
+            c.watch_progress_interval().unwrap(),
+            std::time::Duration::from_secs(600)
+        );
+        let c = Config::load(&args(|a| {
+            a.watch_progress_notify_interval = Some("1m30s".into())
+        }))
+        .unwrap();
+        assert_eq!(
+            c.watch_progress_interval().unwrap(),
+            std::time::Duration::from_secs(90)
+        );
+        assert_eq!(
+            parse_go_duration("1.5s"),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_go_duration("250ms"),
+            Some(std::time::Duration::from_millis(250))
+        );
+        for bad in ["", "10", "5x", "0"] {
+            let e = Config::load(&args(|a| {
+                a.watch_progress_notify_interval = Some(bad.into())
+            }));
+            assert!(
+                e.unwrap_err()
+                    .to_string()
+                    .contains("--watch-progress-notify-interval"),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,3 +16,4 @@ pub mod apply;
 pub mod config;
 pub mod convert;
 pub mod node;
+pub mod watch;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use concord_consensus as consensus;
 use concord_gateway::{
     ClusterBackend, Error as ApiError, HealthBackend, KvBackend, MaintenanceBackend,
-    Result as ApiResult,
+    Result as ApiResult, WatchBackend, WatchSession,
 };
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
@@ -110,6 +110,7 @@ pub fn raft_error(e: consensus::Error) -> ApiError {
 /// The member, as served to clients.
 pub struct Node {
     store: Arc<mvcc::Store>,
+    hub: Arc<concord_watch::Hub>,
     raft: consensus::Handle<Output>,
     identity: Identity,
     /// Client URLs of other members fill in as they answer `Peer/Attributes`.
@@ -195,7 +196,15 @@ impl Node {
         rcfg.catch_up_entries = cfg.snapshot_catchup_entries;
         // etcd's request timeout: 5 s plus two election timeouts.
         rcfg.request_timeout = Duration::from_millis(5000 + 2 * cfg.election_timeout);
-        let machine = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases));
+        let hub = Arc::new(concord_watch::Hub::new(
+            Arc::new(crate::watch::StoreHistory(store.clone())),
+            store.current_revision(),
+            concord_watch::HubOptions {
+                progress_notify_interval: cfg.watch_progress_interval()?,
+                ..concord_watch::HubOptions::default()
+            },
+        ));
+        let machine = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases), hub.clone());
         let raft = consensus::start(rcfg, machine, transport)?;
         let client_urls = split_urls(&cfg.advertise_client_urls);
         let members = members
@@ -214,6 +223,7 @@ impl Node {
             .collect();
         let node = Arc::new(Node {
             store,
+            hub,
             raft: raft.handle.clone(),
             identity,
             members: std::sync::Mutex::new(members),
@@ -461,6 +471,24 @@ impl ClusterBackend for Node {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         })
+    }
+}
+
+impl WatchBackend for Node {
+    fn open_watch(&self) -> ApiResult<Box<dyn WatchSession>> {
+        let identity = self.identity;
+        let raft = self.raft.clone();
+        Ok(Box::new(crate::watch::Session {
+            stream: self.hub.stream(),
+            header: Arc::new(move |revision| {
+                Some(pb::ResponseHeader {
+                    cluster_id: identity.cluster_id,
+                    member_id: identity.member_id,
+                    revision,
+                    raft_term: raft.status().term,
+                })
+            }),
+        }))
     }
 }
 

@@ -1,0 +1,177 @@
+//! The `etcdserverpb.Watch` service: one bidirectional stream per client call, many
+//! watchers per stream. Requests are handed to a [`WatchSession`] the backend opens per
+//! stream; its responses go back in order, split into fragments (as etcd does) when a
+//! watcher asked for `fragment` and a response exceeds the request size limit.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use concord_proto::etcdserverpb::{
+    WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
+    watch_server::Watch,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backend::{WatchBackend, WatchSession};
+use crate::validate::Limits;
+
+/// Serves Watch over any [`WatchBackend`].
+pub struct WatchService<B: ?Sized> {
+    backend: Arc<B>,
+    limits: Limits,
+}
+
+impl<B: ?Sized> WatchService<B> {
+    pub fn new(backend: Arc<B>, limits: Limits) -> Self {
+        Self { backend, limits }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let session: Arc<dyn WatchSession> = Arc::from(self.backend.open_watch()?);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(16);
+
+        let reader_session = session.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                // A client that sends requests but does not read answers waits here.
+                reader_session.writable().await;
+                match inbound.message().await {
+                    Ok(Some(WatchRequest {
+                        request_union: Some(r),
+                    })) => match r {
+                        RequestUnion::CreateRequest(c) => reader_session.create(c),
+                        RequestUnion::CancelRequest(c) => reader_session.cancel(c.watch_id),
+                        RequestUnion::ProgressRequest(_) => reader_session.progress(),
+                    },
+                    Ok(Some(WatchRequest {
+                        request_union: None,
+                    })) => {}
+                    // The client closed its side (etcd keeps sending until the call
+                    // ends) or the call is gone.
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+
+        let max = self.limits.max_request_bytes;
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    r = session.next() => r,
+                    _ = tx.closed() => break,
+                };
+                let Some((resp, fragment)) = next else {
+                    break;
+                };
+                let parts = if fragment {
+                    fragments(resp, max)
+                } else {
+                    vec![resp]
+                };
+                for part in parts {
+                    if tx.send(Ok(part)).await.is_err() {
+                        reader.abort();
+                        return;
+                    }
+                }
+            }
+            reader.abort();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// etcd's fragmenting: a response of two or more events that is at least `max` bytes
+/// is sent as several, each as large as fits (but at least one event), all marked
+/// `fragment` except the last.
+pub fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
+    if resp.encoded_len() < max || resp.events.len() < 2 {
+        return vec![resp];
+    }
+    let mut shell = resp.clone();
+    shell.events.clear();
+    shell.fragment = true;
+    let mut out = Vec::new();
+    let mut cur = shell.clone();
+    for ev in resp.events {
+        cur.events.push(ev);
+        if cur.events.len() > 1 && cur.encoded_len() >= max {
+            let ev = cur.events.pop().expect("just pushed");
+            out.push(std::mem::replace(&mut cur, shell.clone()));
+            cur.events.push(ev);
+        }
+    }
+    cur.fragment = false;
+    out.push(cur);
+    out
+}
+
+/// The create request's filters as (no put, no delete).
+pub fn create_filters(c: &WatchCreateRequest) -> (bool, bool) {
+    use concord_proto::etcdserverpb::watch_create_request::FilterType;
+    let has = |f: FilterType| c.filters.contains(&(f as i32));
+    (has(FilterType::Noput), has(FilterType::Nodelete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_proto::mvccpb::{Event, KeyValue};
+
+    fn resp(n: usize, value: usize) -> WatchResponse {
+        WatchResponse {
+            watch_id: 7,
+            events: (0..n)
+                .map(|i| Event {
+                    kv: Some(KeyValue {
+                        key: format!("k{i}").into_bytes(),
+                        value: vec![b'x'; value],
+                        ..KeyValue::default()
+                    }),
+                    ..Event::default()
+                })
+                .collect(),
+            ..WatchResponse::default()
+        }
+    }
+
+    #[test]
+    fn small_or_single_event_responses_are_not_split() {
+        assert_eq!(fragments(resp(3, 10), 1000).len(), 1);
+        let one = fragments(resp(1, 5000), 1000);
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].fragment);
+    }
+
+    #[test]
+    fn large_responses_split_in_order_and_only_the_last_is_final() {
+        let parts = fragments(resp(10, 300), 1000);
+        assert!(parts.len() > 1);
+        let keys: Vec<Vec<u8>> = parts
+            .iter()
+            .flat_map(|p| p.events.iter().map(|e| e.kv.as_ref().unwrap().key.clone()))
+            .collect();
+        let want: Vec<Vec<u8>> = (0..10).map(|i| format!("k{i}").into_bytes()).collect();
+        assert_eq!(keys, want);
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.fragment, i + 1 < parts.len());
+            assert_eq!(p.watch_id, 7);
+            assert!(p.events.len() == 1 || p.encoded_len() < 1000);
+        }
+    }
+}
