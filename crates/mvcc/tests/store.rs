@@ -234,3 +234,85 @@ fn limits_counts_and_filters_use_the_index() {
         .unwrap();
     assert_eq!((r.kvs.len(), r.count), (11, 100));
 }
+
+#[test]
+fn history_pages_end_at_revision_boundaries_and_report_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    put(&s, "a", "1"); // 2
+    put(&s, "b", "1"); // 3
+    // One txn, three changes at revision 4.
+    let mut w = s.writer().unwrap();
+    w.txn(
+        &TxnRequest {
+            compare: Vec::new(),
+            success: vec![
+                RequestOp::Put(PutRequest {
+                    key: "a".into(),
+                    value: "2".into(),
+                    ..Default::default()
+                }),
+                RequestOp::Put(PutRequest {
+                    key: "c".into(),
+                    value: "1".into(),
+                    ..Default::default()
+                }),
+                RequestOp::DeleteRange(DeleteRangeRequest {
+                    range: KeyRange::new("b", ""),
+                    prev_kv: false,
+                }),
+            ],
+            failure: Vec::new(),
+        },
+        &NoLeases,
+    )
+    .unwrap();
+    let (rev, changes) = w.commit_changes(None).unwrap();
+    assert_eq!(rev, 4);
+    assert_eq!(changes.len(), 3);
+    assert!(changes.iter().all(|c| c.kv.mod_revision == 4));
+    put(&s, "a", "3"); // 5
+
+    let page = |from, to, n| match s.history(from, to, n, usize::MAX).unwrap() {
+        HistoryPage::Events(e) => e
+            .into_iter()
+            .map(|e| {
+                (
+                    String::from_utf8(e.kv.key).unwrap(),
+                    e.kv.mod_revision,
+                    e.tombstone,
+                )
+            })
+            .collect::<Vec<_>>(),
+        HistoryPage::Compacted(c) => panic!("compacted at {c}"),
+    };
+    assert_eq!(
+        page(2, 5, 100),
+        vec![
+            ("a".into(), 2, false),
+            ("b".into(), 3, false),
+            ("a".into(), 4, false),
+            ("c".into(), 4, false),
+            ("b".into(), 4, true),
+            ("a".into(), 5, false),
+        ]
+    );
+    // A limit reached inside revision 4 still returns all of revision 4.
+    assert_eq!(page(3, 5, 2).len(), 4);
+    assert_eq!(page(5, 5, 1), vec![("a".into(), 5, false)]);
+    assert_eq!(page(6, 5, 10), vec![]);
+
+    let mut w = s.writer().unwrap();
+    let wait = w.compact(4).unwrap();
+    w.commit(None).unwrap();
+    wait.wait().unwrap();
+    assert_eq!(
+        s.history(3, 5, 10, usize::MAX).unwrap(),
+        HistoryPage::Compacted(4)
+    );
+    assert_eq!(
+        page(4, 5, 10).len(),
+        3,
+        "a, c at 4 (b's tombstone is compacted away) and a at 5"
+    );
+}
