@@ -139,9 +139,10 @@ pub fn to_pb(r: w::Response, header: &HeaderFn) -> (pb::WatchResponse, bool) {
             revision,
             events,
             fragment: f,
+            ..
         } => {
             out.watch_id = watch_id;
-            out.events = events.into_iter().map(pb_event).collect();
+            out.events = events.iter().cloned().map(pb_event).collect();
             fragment = f;
             revision
         }

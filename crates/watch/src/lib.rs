@@ -173,11 +173,15 @@ pub enum Response {
         revision: i64,
         reason: String,
     },
+    /// Shared between the watchers that got the same events (the common case of a
+    /// revision fanned out unchanged), so publishing copies no keys or values.
     Events {
         watch_id: i64,
         revision: i64,
-        events: Vec<Event>,
+        events: Arc<[Event]>,
         fragment: bool,
+        /// The watcher asked for `prev_kv` (filled in by [`WatchStream::next`]).
+        prev_kv: bool,
     },
     /// A bookmark: `watch_id` is -1 for a stream-wide `RequestProgress` answer.
     Progress {
@@ -240,12 +244,13 @@ impl Watcher {
         }
     }
 
-    fn events_response(&self, revision: i64, events: Vec<Event>) -> Response {
+    fn events_response(&self, revision: i64, events: Arc<[Event]>) -> Response {
         Response::Events {
             watch_id: self.id,
             revision,
             events,
             fragment: self.fragment,
+            prev_kv: self.prev_kv,
         }
     }
 }
@@ -484,15 +489,22 @@ impl Hub {
             return;
         }
         st.current = revision;
-        let mut hits: HashMap<u64, Vec<usize>> = HashMap::new();
+        // (watcher, event index) pairs, grouped by watcher with events in order.
+        let mut hits: Vec<(u64, usize)> = Vec::new();
         for (i, e) in events.iter().enumerate() {
             let single = st.singles.get(&e.kv.key).into_iter().flatten().copied();
             for w in single.chain(st.ranges.stab(&e.kv.key)) {
-                hits.entry(w).or_default().push(i);
+                hits.push((w, i));
             }
         }
+        if hits.is_empty() {
+            return;
+        }
+        hits.sort_unstable();
+        let all: Arc<[Event]> = events.into();
         let mut aside = Vec::new();
-        for (w, idx) in hits {
+        for group in hits.chunk_by(|a, b| a.0 == b.0) {
+            let w = group[0].0;
             let State {
                 watchers, streams, ..
             } = &mut *st;
@@ -502,12 +514,17 @@ impl Hub {
             if revision < watcher.next_rev {
                 continue;
             }
-            let evs: Vec<Event> = idx
-                .into_iter()
-                .map(|i| &events[i])
-                .filter(|e| watcher.wants(e))
-                .cloned()
-                .collect();
+            let evs: Arc<[Event]> =
+                if group.len() == all.len() && all.iter().all(|e| watcher.wants(e)) {
+                    all.clone()
+                } else {
+                    group
+                        .iter()
+                        .map(|&(_, i)| &events[i])
+                        .filter(|e| watcher.wants(e))
+                        .cloned()
+                        .collect()
+                };
             if evs.is_empty() {
                 continue;
             }
@@ -788,30 +805,23 @@ impl WatchStream {
         let Response::Events {
             watch_id,
             revision,
-            mut events,
+            events,
             fragment,
+            prev_kv: true,
         } = r
         else {
             return r;
         };
-        let wants = {
-            let st = self.shared.lock();
-            st.streams
-                .get(&self.id)
-                .and_then(|s| s.ids.get(&watch_id))
-                .and_then(|k| st.watchers.get(k))
-                .is_some_and(|w| w.prev_kv)
-        };
-        if wants {
-            for e in events.iter_mut().filter(|e| !e.is_create()) {
-                e.prev_kv = self.shared.history.value_at(&e.kv.key, e.revision() - 1);
-            }
+        let mut events = events.to_vec();
+        for e in events.iter_mut().filter(|e| !e.is_create()) {
+            e.prev_kv = self.shared.history.value_at(&e.kv.key, e.revision() - 1);
         }
         Response::Events {
             watch_id,
             revision,
-            events,
+            events: events.into(),
             fragment,
+            prev_kv: true,
         }
     }
 }
@@ -884,7 +894,10 @@ fn progress_tick(shared: &Shared) {
         if std::mem::take(&mut w.sent) {
             continue;
         }
-        if let Some(s) = st.streams.get(&w.stream) {
+        // A client that is not reading gets no more of these than fit its outbox.
+        if let Some(s) = st.streams.get(&w.stream)
+            && s.outbox.lock().items.len() < s.outbox.max_responses
+        {
             s.outbox.push_control(Response::Progress {
                 watch_id: w.id,
                 revision: current,
@@ -985,7 +998,10 @@ fn sync_round(shared: &Shared) -> bool {
             let Some(s) = st.streams.get(&w.stream) else {
                 continue;
             };
-            if !s.outbox.try_push_events(w.events_response(covered, evs)) {
+            if !s
+                .outbox
+                .try_push_events(w.events_response(covered, evs.into()))
+            {
                 continue;
             }
             if let Some(w) = st.watchers.get_mut(&c.key) {
