@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 pub mod cluster;
 pub mod linearizability;
 pub mod proxy;
+pub mod watchcheck;
 
 /// How long a server may take to answer after it is started.
 pub const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -319,4 +320,59 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Result<Out
             .write_all(input.as_bytes())?;
     }
     Ok(child.wait_with_output()?)
+}
+
+impl Proc {
+    /// The child's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The child's resident set size in KiB (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Etcd {
+    /// Like [`Etcd::start`], with extra command-line flags (e.g.
+    /// `--max-request-bytes`, `--experimental-watch-progress-notify-interval`).
+    pub async fn start_with(extra: &[&str]) -> Result<Etcd> {
+        let bin = etcd_bin().context("etcd not installed (apt-get install etcd-server)")?;
+        let tmp = tempfile::Builder::new().prefix("etcd-ref").tempdir()?;
+        let client_port = free_port();
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let client = format!("http://127.0.0.1:{client_port}");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--name")
+            .arg("n1")
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("n1={peer}"))
+            .args(extra)
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        let proc = Proc::spawn(cmd, tmp.path().join("etcd.log"))?;
+        let e = Etcd {
+            proc,
+            client_port,
+            _tmp: tmp,
+        };
+        wait_answering(&e.endpoint(), READY_DEADLINE)
+            .await
+            .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
+        Ok(e)
+    }
 }

@@ -9,6 +9,13 @@
 //!   validate the test itself). etcd does not bind its outgoing peer connections, so
 //!   the proxies cannot partition it: the nemesis then skips partitions.
 //! * `JEPSEN_SEED`: the random seed (printed on every run), to replay a schedule.
+//! * `JEPSEN_WATCH_REQUEST_PROGRESS=0|1`: whether watchers also send
+//!   `RequestProgress` (default: on for Concord, off for etcd). Members always send
+//!   periodic progress notifications every [`WATCH_PROGRESS_INTERVAL`]. etcd 3.4.23
+//!   (Debian's) answers `RequestProgress` outside its event queue, so the answer can
+//!   overtake events it claims were delivered (etcd-io/etcd#15220, fixed in 3.4.25 and
+//!   3.5.8): with `=1` against etcd the checker reports that as a bookmarkable
+//!   violation within a few runs.
 //!
 //! Recording rules: an op is invoked right before it is sent and completed right
 //! after its answer. A get that fails constrains nothing (the checker drops unknown
@@ -22,6 +29,20 @@
 //! member's log and the loopback TCP connections (`ss -tnp`, to tell a stuck peer
 //! link from a cut one) are printed.
 //!
+//! Watches: while the clients and the nemesis run, [`WATCHERS`] logical watchers
+//! watch the `jepsen/` prefix (and narrower ranges) with `progress_notify` (and, on
+//! Concord, ask for progress every second or so). A stream that errors, ends or stays
+//! silent for [`WATCH_IDLE`] (member killed, stopped, cut off), and every stream after
+//! a random lifetime, is replaced by a new one on the next member, resumed from the last
+//! observed revision + 1 (the last event's or progress notification's revision). A
+//! writer adds multi-key transactions and range deletes under `jepsen/w/`, so
+//! revisions with several events (atomicity) and delete events occur. After the run a
+//! marker is written, every watcher must catch up with it, the reference event log is
+//! read with a watch from revision 1 (the test never compacts) and cross-checked with a
+//! read at the marker's revision, and [`concord_integration::watchcheck`] checks the
+//! six watch guarantees (ordered, unique, atomic, reliable, resumable, bookmarkable)
+//! over every watcher's sessions.
+//!
 //! `scripts/jepsen.sh [SECS]` runs the same test for longer.
 
 use std::collections::BTreeMap;
@@ -32,8 +53,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
 use concord_integration::linearizability::{self, Event, Op, Outcome, Recorder};
+use concord_integration::watchcheck::{self, KeyRange, Response, Session, WatcherHistory};
 use concord_integration::{etcd_bin, wait_until};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp, WatchOptions,
+};
 
 /// Keys the clients work on (few, so operations contend).
 const KEYS: [&str; 4] = ["jepsen/a", "jepsen/b", "jepsen/c", "jepsen/d"];
@@ -47,6 +71,36 @@ const OP_GUARD: Duration = Duration::from_secs(5);
 const CHECK_BUDGET: Duration = Duration::from_secs(30);
 /// A dead cluster must not pass: at least this many ops must have a known outcome.
 const MIN_OK_OPS: u64 = 200;
+
+/// The prefix every key of the test is under (what the widest watchers watch).
+const PREFIX: &str = "jepsen/";
+/// Keys the transaction writer works on (not part of the linearizability history).
+const TXN_KEYS: [&str; 3] = ["jepsen/w/x", "jepsen/w/y", "jepsen/w/z"];
+/// Written after the run: every watcher must observe its revision.
+const MARKER_KEY: &str = "jepsen/w/end";
+/// Logical watchers: name, range, whether it starts from revision 1 (else from the
+/// revision current at the start of the run, + 1).
+const WATCHERS: [(&str, WatchRange, bool); 4] = [
+    ("all-from-1", WatchRange::Prefix(PREFIX), true),
+    ("all-from-now", WatchRange::Prefix(PREFIX), false),
+    ("key-a-from-1", WatchRange::Single("jepsen/a"), true),
+    // Cuts through the writer's transactions: only x of x, y, z is inside.
+    (
+        "c-to-w/y",
+        WatchRange::Between("jepsen/c", "jepsen/w/y"),
+        false,
+    ),
+];
+/// `--experimental-watch-progress-notify-interval` of every member (etcd's flag;
+/// Concord accepts it too).
+const WATCH_PROGRESS_INTERVAL: &str = "1s";
+/// A watch stream without any message for this long is given up (progress
+/// notifications come far more often, so a healthy stream is never this quiet).
+const WATCH_IDLE: Duration = Duration::from_secs(3);
+/// After the run, every watcher must observe the marker's revision within this.
+const WATCH_CATCH_UP: Duration = Duration::from_secs(15);
+/// A dead watch must not pass: at least this many events must be checked.
+const MIN_WATCH_EVENTS: usize = 200;
 
 /// xorshift64*: small seeded PRNG (the integration crate has no `rand`).
 struct Rng(u64);
@@ -280,6 +334,329 @@ async fn client_loop(
     }
 }
 
+/// A watched range (a `const`-friendly form of [`KeyRange`]).
+#[derive(Debug, Clone, Copy)]
+enum WatchRange {
+    Prefix(&'static str),
+    Single(&'static str),
+    Between(&'static str, &'static str),
+}
+
+impl WatchRange {
+    fn key_range(self) -> KeyRange {
+        match self {
+            WatchRange::Prefix(p) => KeyRange::prefix(p),
+            WatchRange::Single(k) => KeyRange::single(k),
+            WatchRange::Between(k, end) => KeyRange::between(k, end),
+        }
+    }
+}
+
+/// The client a watch stream was opened with (kept alive with the stream), the
+/// stream's request side and its response side.
+type WatchConn = (
+    Client,
+    etcd_client::WatchRequestSender,
+    etcd_client::WatchResponseStream,
+);
+
+/// Opens a watch of `range` from `start` on `endpoint` (progress notifications on).
+async fn open_watch(endpoint: &str, range: &KeyRange, start: i64) -> Result<WatchConn> {
+    let client = watchcheck::connect_for_watch(endpoint).await?;
+    let mut opts = WatchOptions::new()
+        .with_start_revision(start)
+        .with_progress_notify();
+    if !range.range_end.is_empty() {
+        opts = opts.with_range(range.range_end.clone());
+    }
+    let stream = client
+        .watch_client()
+        .max_decoding_message_size(64 << 20)
+        .watch(range.key.clone(), Some(opts))
+        .await?;
+    let (tx, rx) = stream.split();
+    Ok((client, tx, rx))
+}
+
+/// Why a watch session ended, for the summary (ports and details stripped).
+fn end_kind(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let msg: String = s.message().chars().take(50).collect();
+            format!("{:?}: {msg}", s.code())
+        }
+        other => format!("{other}").chars().take(50).collect(),
+    }
+}
+
+/// One logical watcher: watches `range` from `first_start`, session after session,
+/// until told the final revision (through `finish`) and it has observed it, or
+/// [`WATCH_CATCH_UP`] after that; sends `RequestProgress` now and then if
+/// `request_progress`. Returns its history and, if it did not catch up, the revision
+/// it was to reach.
+#[allow(clippy::too_many_arguments)]
+async fn watcher_loop(
+    name: &'static str,
+    range: KeyRange,
+    endpoints: Vec<String>,
+    mut member: usize,
+    first_start: i64,
+    finish: tokio::sync::watch::Receiver<Option<i64>>,
+    request_progress: bool,
+    seed: u64,
+) -> (WatcherHistory, Option<i64>) {
+    let mut rng = Rng::new(seed);
+    let mut hist = WatcherHistory::new(name, range.clone());
+    let mut observed = first_start - 1;
+    let mut give_up: Option<Instant> = None;
+    loop {
+        let target = *finish.borrow();
+        if let Some(target) = target {
+            if observed >= target {
+                return (hist, None);
+            }
+            let deadline = *give_up.get_or_insert_with(|| Instant::now() + WATCH_CATCH_UP);
+            if Instant::now() >= deadline {
+                return (hist, Some(target));
+            }
+        }
+        let endpoint = endpoints[member].clone();
+        // The next session goes to another member, whatever happens to this one.
+        member = (member + 1) % endpoints.len();
+        let start = observed + 1;
+        let opened = tokio::time::timeout(WATCH_IDLE, open_watch(&endpoint, &range, start)).await;
+        let (_client, mut tx, mut rx) = match opened {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(_)) | Err(_) => {
+                // Down or stopped: try the next member after a short back-off.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut session = Session::new(endpoint, start, !hist.sessions.is_empty());
+        // Sessions also end on their own, so resuming is exercised without faults.
+        let retire = Instant::now() + rng.millis(2_000, 6_000);
+        let mut next_progress = Instant::now() + rng.millis(200, 1_000);
+        let mut last_msg = Instant::now();
+        let ended = loop {
+            if finish.borrow().is_some_and(|t| observed >= t) {
+                break "caught up".to_string();
+            }
+            let now = Instant::now();
+            if now >= last_msg + WATCH_IDLE {
+                break format!("no message for {WATCH_IDLE:?}");
+            }
+            if now >= retire && finish.borrow().is_none() {
+                break "retired".to_string();
+            }
+            if now >= next_progress {
+                next_progress = now + rng.millis(200, 1_000);
+                if !request_progress {
+                    // Periodic progress notifications only.
+                } else if let Err(e) = tx.request_progress().await {
+                    break format!("request_progress: {}", end_kind(&e));
+                }
+            }
+            let wake = (last_msg + WATCH_IDLE).min(next_progress).min(retire);
+            let msg = tokio::select! {
+                msg = rx.message() => msg,
+                _ = tokio::time::sleep_until(wake.into()) => continue,
+            };
+            match msg {
+                Ok(Some(msg)) => {
+                    last_msg = Instant::now();
+                    let resp = Response::from_etcd(&msg);
+                    if let Some(rev) = resp.observed_revision() {
+                        observed = observed.max(rev);
+                    }
+                    let canceled = matches!(resp.kind, watchcheck::ResponseKind::Canceled { .. });
+                    session.responses.push(resp);
+                    if canceled {
+                        break format!("canceled: {}", msg.cancel_reason());
+                    }
+                }
+                Ok(None) => break "stream closed".to_string(),
+                Err(e) => break end_kind(&e),
+            }
+        };
+        session.ended = Some(ended);
+        hist.sessions.push(session);
+    }
+}
+
+/// Multi-key transactions and range deletes under `jepsen/w/` until `stop`, so
+/// revisions with several events and delete events occur. Returns how many succeeded.
+async fn txn_writer(endpoints: Vec<String>, stop: Instant, seed: u64) -> u64 {
+    let mut rng = Rng::new(seed);
+    let mut ok = 0;
+    let mut member = 0;
+    let mut conn = None;
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        let Some(c) = conn.as_mut() else {
+            member = (member + 1) % endpoints.len();
+            conn = reconnect(&endpoints[member], stop).await;
+            continue;
+        };
+        n += 1;
+        let v = format!("t{n}");
+        let put = |k: &str| TxnOp::put(k, v.as_str(), None);
+        let txn = match rng.below(4) {
+            0 => Some(Txn::new().and_then([put(TXN_KEYS[0]), put(TXN_KEYS[1])])),
+            1 => Some(Txn::new().and_then(TXN_KEYS.map(put))),
+            2 => None,
+            _ => Some(Txn::new().and_then([put(TXN_KEYS[2]), TxnOp::delete(TXN_KEYS[0], None)])),
+        };
+        let op = async {
+            match txn {
+                Some(txn) => c.txn(txn).await.map(|_| ()),
+                None => c
+                    .delete("jepsen/w/", Some(DeleteOptions::new().with_prefix()))
+                    .await
+                    .map(|_| ()),
+            }
+        };
+        match tokio::time::timeout(OP_GUARD, op).await {
+            Ok(Ok(())) => ok += 1,
+            _ => conn = None,
+        }
+        tokio::time::sleep(rng.millis(30, 120)).await;
+    }
+    ok
+}
+
+/// What the watch phase found.
+struct WatchOutcome {
+    report: watchcheck::Report,
+    /// Failures outside the six guarantees (catch-up, reference vs final read).
+    problems: Vec<String>,
+    /// Why sessions ended, with counts.
+    ends: BTreeMap<String, usize>,
+    histories: Vec<WatcherHistory>,
+    reference: Option<watchcheck::ReferenceLog>,
+}
+
+/// After the run: writes a marker, lets every watcher catch up with it, reads the
+/// reference log (a watch from revision 1) and the final state, and checks.
+async fn check_watches(
+    cluster: &Cluster,
+    watchers: Vec<tokio::task::JoinHandle<(WatcherHistory, Option<i64>)>>,
+    finish: tokio::sync::watch::Sender<Option<i64>>,
+) -> Result<WatchOutcome> {
+    let endpoint = cluster.endpoint(0);
+    let mut attempt = 0;
+    let (mut client, marker) = loop {
+        attempt += 1;
+        let r = async {
+            let mut c = connect(&endpoint).await?;
+            let rev = c
+                .put(MARKER_KEY, "end", None)
+                .await?
+                .header()
+                .context("put without header")?
+                .revision();
+            anyhow::Ok((c, rev))
+        }
+        .await;
+        match r {
+            Ok(done) => break done,
+            Err(e) if attempt >= 20 => return Err(e.context("writing the end marker")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    finish.send_replace(Some(marker));
+    let mut out = WatchOutcome {
+        report: watchcheck::Report::default(),
+        problems: Vec::new(),
+        ends: BTreeMap::new(),
+        histories: Vec::new(),
+        reference: None,
+    };
+    for w in watchers {
+        let (hist, behind) = w.await.context("watcher task")?;
+        if let Some(target) = behind {
+            out.problems.push(format!(
+                "watcher {} did not observe revision {target} (the end marker) within \
+                 {WATCH_CATCH_UP:?} after the run; it got to {:?}",
+                hist.name,
+                hist.observed_revision()
+            ));
+        }
+        for s in &hist.sessions {
+            let end = s.ended.clone().unwrap_or_else(|| "running".into());
+            *out.ends.entry(end).or_default() += 1;
+        }
+        out.histories.push(hist);
+    }
+    let range = KeyRange::prefix(PREFIX);
+    let reference =
+        watchcheck::fetch_reference(&endpoint, &range, 1, marker, Duration::from_secs(30))
+            .await
+            .context("reading the reference log")?;
+    let read = client
+        .get(
+            PREFIX,
+            Some(GetOptions::new().with_prefix().with_revision(marker)),
+        )
+        .await
+        .context("reading the final state")?;
+    let kvs: Vec<watchcheck::WatchEvent> = read
+        .kvs()
+        .iter()
+        .map(watchcheck::WatchEvent::from_kv)
+        .collect();
+    for e in reference.check_final_state(&kvs) {
+        out.problems
+            .push(format!("reference log vs a read at revision {marker}: {e}"));
+    }
+    out.report = watchcheck::check(&out.histories, &reference);
+    out.reference = Some(reference);
+    Ok(out)
+}
+
+/// Writes every watcher's sessions and the reference log to a file, for reading a
+/// violation.
+fn dump_watches(out: &WatchOutcome) -> std::path::PathBuf {
+    let mut text = String::new();
+    if let Some(r) = &out.reference {
+        text.push_str(&format!(
+            "reference {} revisions {}..={}:\n",
+            r.range, r.from_revision, r.through_revision
+        ));
+        for e in &r.events {
+            text.push_str(&format!("  {e}\n"));
+        }
+    }
+    for h in &out.histories {
+        text.push_str(&format!("watcher {} ({}):\n", h.name, h.range));
+        for (i, s) in h.sessions.iter().enumerate() {
+            text.push_str(&format!(
+                "  session {i} on {} from {}{}, ended: {:?}\n",
+                s.member,
+                s.start_revision,
+                if s.resumed { " (resumed)" } else { "" },
+                s.ended
+            ));
+            for (j, r) in s.responses.iter().enumerate() {
+                let body = match &r.kind {
+                    watchcheck::ResponseKind::Events(evs) => evs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => format!("{other:?}"),
+                };
+                text.push_str(&format!("    {j}: header {}: {body}\n", r.header_revision));
+            }
+        }
+    }
+    let path = std::env::temp_dir().join(format!("jepsen-watches-{}.txt", std::process::id()));
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("writing {}: {e}", path.display());
+    }
+    path
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     Kill9Restart,
@@ -443,18 +820,60 @@ async fn linearizable_under_nemesis() {
     let opts = ClusterOptions {
         size: 3,
         proxied: kind == Kind::Concord,
-        ..ClusterOptions::default()
+        extra: vec![format!(
+            "--experimental-watch-progress-notify-interval={WATCH_PROGRESS_INTERVAL}"
+        )],
     };
+    let request_progress = match std::env::var("JEPSEN_WATCH_REQUEST_PROGRESS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        Err(_) => kind == Kind::Concord,
+        Ok(other) => panic!("JEPSEN_WATCH_REQUEST_PROGRESS must be 0 or 1, not {other:?}"),
+    };
+    println!(
+        "jepsen: {} watchers, progress notify every {WATCH_PROGRESS_INTERVAL}, \
+         RequestProgress {}",
+        WATCHERS.len(),
+        if request_progress { "on" } else { "off" }
+    );
     let mut cluster = Cluster::start(kind, opts)
         .await
         .expect("starting a 3-member cluster");
     let endpoints = cluster.endpoints();
+
+    let start_revision = {
+        let mut c = connect(&endpoints[0]).await.expect("connecting to n1");
+        c.get("jepsen/probe", None)
+            .await
+            .expect("reading the start revision")
+            .header()
+            .expect("get without header")
+            .revision()
+    };
 
     let rec = Recorder::new();
     let stats = Arc::new(Stats::default());
     let start = Instant::now();
     let stop = start + Duration::from_secs(secs);
     let mut rng = Rng::new(seed);
+    let (finish_watches, finish_rx) = tokio::sync::watch::channel(None);
+    let watchers: Vec<_> = WATCHERS
+        .iter()
+        .enumerate()
+        .map(|(i, &(name, range, from_1))| {
+            tokio::spawn(watcher_loop(
+                name,
+                range.key_range(),
+                endpoints.clone(),
+                i % endpoints.len(),
+                if from_1 { 1 } else { start_revision + 1 },
+                finish_rx.clone(),
+                request_progress,
+                rng.next(),
+            ))
+        })
+        .collect();
+    let writer = tokio::spawn(txn_writer(endpoints.clone(), stop, rng.next()));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
             tokio::spawn(client_loop(
@@ -483,12 +902,23 @@ async fn linearizable_under_nemesis() {
         for c in &clients {
             c.abort();
         }
+        writer.abort();
+        for w in &watchers {
+            w.abort();
+        }
     }
     for c in clients {
         if let Err(e) = c.await {
             assert!(e.is_cancelled(), "client task panicked: {e}");
         }
     }
+    let txns_ok = match writer.await {
+        Ok(n) => n,
+        Err(e) => {
+            assert!(e.is_cancelled(), "transaction writer panicked: {e}");
+            0
+        }
+    };
     let ran = start.elapsed();
     let mut failures = Vec::new();
     match nemesis_result {
@@ -497,6 +927,34 @@ async fn linearizable_under_nemesis() {
             if let Err(e) = wait_recovered(&cluster).await {
                 failures.push(format!("the cluster did not recover after the run: {e:#}"));
             }
+        }
+    }
+
+    // The watch phase needs a whole cluster; after a failed run the watchers are
+    // aborted above and the linearizability check below still runs.
+    let mut watch_outcome = None;
+    if failures.is_empty() {
+        let t0 = Instant::now();
+        match check_watches(&cluster, watchers, finish_watches).await {
+            Ok(out) => {
+                println!(
+                    "jepsen: watches checked in {:.1?} ({txns_ok} multi-key txns/deletes): {}",
+                    t0.elapsed(),
+                    out.report
+                );
+                println!("jepsen: watch sessions ended: {:?}", out.ends);
+                if !out.report.is_ok() || !out.problems.is_empty() {
+                    let path = dump_watches(&out);
+                    failures.push(format!(
+                        "watch guarantees violated (histories in {}): {}",
+                        path.display(),
+                        out.report
+                    ));
+                }
+                failures.extend(out.problems.iter().cloned());
+                watch_outcome = Some(out);
+            }
+            Err(e) => failures.push(format!("watch phase failed: {e:#}")),
         }
     }
 
@@ -528,5 +986,11 @@ async fn linearizable_under_nemesis() {
     assert!(
         !faults.is_empty(),
         "the nemesis injected no fault (JEPSEN_SECS too short?)"
+    );
+    let watch = watch_outcome.expect("the watch phase ran");
+    assert!(
+        watch.report.events_checked >= MIN_WATCH_EVENTS && watch.report.resumed_sessions > 0,
+        "too little watching got done ({}); a dead watch cannot pass",
+        watch.report
     );
 }

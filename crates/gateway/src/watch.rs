@@ -1,7 +1,8 @@
 //! The `etcdserverpb.Watch` service: one bidirectional stream per client call, many
 //! watchers per stream. Requests are handed to a [`WatchSession`] the backend opens per
 //! stream; its responses go back in order, split into fragments (as etcd does) when a
-//! watcher asked for `fragment` and a response exceeds the request size limit.
+//! watcher asked for `fragment` and a response reaches the request size limit plus
+//! etcd's 512 KiB gRPC allowance.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,7 +69,9 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
             }
         });
 
-        let max = self.limits.max_request_bytes;
+        // etcd's watch server fragments at the request limit plus its 512 KiB gRPC
+        // allowance (`grpcOverheadBytes`), not at the request limit itself.
+        let max = self.limits.max_grpc_message();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {

@@ -132,7 +132,9 @@ impl Default for HubOptions {
             max_queued_responses: 256,
             max_queued_bytes: 4 << 20,
             catch_up_events: 1000,
-            catch_up_bytes: 2 << 20,
+            // etcd bounds a catch-up response by revisions only (1000); the byte bound
+            // keeps one slow watcher's page from pinning unbounded memory.
+            catch_up_bytes: 8 << 20,
         }
     }
 }
