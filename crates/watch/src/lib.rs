@@ -342,9 +342,18 @@ impl State {
         self.unsync(w);
         let watcher = self.watchers.remove(&w)?;
         self.unsynced.remove(&w);
+        let current = self.current;
         let s = self.streams.get_mut(&watcher.stream)?;
         s.unsynced -= 1;
         s.ids.remove(&watcher.id);
+        if s.unsynced == 0 && s.progress_pending {
+            // The last watcher a `RequestProgress` waited for is gone.
+            s.progress_pending = false;
+            s.outbox.push_control(Response::Progress {
+                watch_id: -1,
+                revision: current,
+            });
+        }
         Some((watcher.id, s.outbox.clone()))
     }
 }

@@ -500,3 +500,31 @@ async fn resync_catches_up_revisions_that_were_not_published() {
         vec![("r".into(), 2), ("r".into(), 3), ("r".into(), 4)]
     );
 }
+
+#[tokio::test]
+async fn request_progress_is_answered_when_the_unsynced_watcher_is_cancelled() {
+    let log = Arc::new(Log::default());
+    let hub = hub_with(&log, HubOptions::default());
+    for _ in 0..3 {
+        log.put(&hub, "x", "v");
+    }
+    // Compacted history the watcher is owed keeps it unsynced until cancelled.
+    log.compacted.store(3, Ordering::SeqCst);
+    let s = hub.stream();
+    let id = s.create(spec("x", "", 2)).unwrap();
+    s.request_progress();
+    assert!(s.cancel(id) || hub.watcher_counts().0 == 0);
+    let mut got_progress = false;
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(5), s.next()).await {
+            Ok(Some(Response::Progress { watch_id, revision })) => {
+                assert_eq!((watch_id, revision), (-1, 4));
+                got_progress = true;
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no progress answer: {other:?}"),
+        }
+    }
+    assert!(got_progress);
+}
