@@ -992,6 +992,9 @@ fn sync_round(shared: &Shared) -> bool {
     let mut progressed = false;
     let mut guard = shared.lock();
     let st = &mut *guard;
+    // As etcd, a catch-up response's header carries the current revision (not a
+    // bookmark: only event-less progress responses are).
+    let header_rev = st.current;
     for c in &cands {
         let Some(w) = st.watchers.get(&c.key) else {
             continue;
@@ -1011,7 +1014,7 @@ fn sync_round(shared: &Shared) -> bool {
             };
             if !s
                 .outbox
-                .try_push_events(w.events_response(covered, evs.into()))
+                .try_push_events(w.events_response(header_rev, evs.into()))
             {
                 continue;
             }
