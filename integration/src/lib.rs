@@ -255,6 +255,12 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Result<Etcd> {
+        Etcd::start_with(&[]).await
+    }
+
+    /// Like [`Etcd::start`], with extra command-line flags (e.g.
+    /// `--max-request-bytes`, `--experimental-watch-progress-notify-interval`).
+    pub async fn start_with(extra: &[&str]) -> Result<Etcd> {
         let bin = etcd_bin().context("etcd not installed (apt-get install etcd-server)")?;
         let tmp = tempfile::Builder::new().prefix("etcd-ref").tempdir()?;
         let client_port = free_port();
@@ -275,6 +281,7 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("n1={peer}"))
+            .args(extra)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
         let proc = Proc::spawn(cmd, tmp.path().join("etcd.log"))?;
         let e = Etcd {
@@ -338,41 +345,30 @@ impl Proc {
     }
 }
 
-impl Etcd {
-    /// Like [`Etcd::start`], with extra command-line flags (e.g.
-    /// `--max-request-bytes`, `--experimental-watch-progress-notify-interval`).
-    pub async fn start_with(extra: &[&str]) -> Result<Etcd> {
-        let bin = etcd_bin().context("etcd not installed (apt-get install etcd-server)")?;
-        let tmp = tempfile::Builder::new().prefix("etcd-ref").tempdir()?;
-        let client_port = free_port();
-        let peer = format!("http://127.0.0.1:{}", free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--name")
-            .arg("n1")
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("n1={peer}"))
-            .args(extra)
-            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
-        let proc = Proc::spawn(cmd, tmp.path().join("etcd.log"))?;
-        let e = Etcd {
-            proc,
-            client_port,
-            _tmp: tmp,
-        };
-        wait_answering(&e.endpoint(), READY_DEADLINE)
-            .await
-            .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
-        Ok(e)
+/// xorshift64*: a tiny seeded PRNG (the integration crate has no `rand`), so generated
+/// histories and nemesis schedules replay from their printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform-ish in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A duration between `lo` and `hi` milliseconds, both included.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(lo + self.below(hi - lo + 1))
     }
 }

@@ -739,6 +739,7 @@ fn check_key(key: &str, events: &[&Event], budget: Duration) -> (KeyStats, Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Rng;
 
     const BUDGET: Duration = Duration::from_secs(5);
 
@@ -1091,28 +1092,12 @@ mod tests {
         assert_ok(&events);
     }
 
-    /// xorshift64*: a tiny seeded PRNG, so the generated histories are reproducible.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// A history of a real linearizable register: every op gets a random interval per
     /// client (clients are sequential), a random linearization point inside it, and its
     /// outcome is computed by applying the ops in linearization-point order. A few ops
     /// get an unknown outcome (and then take effect or not, at random).
     fn generate(seed: u64, clients: usize, ops_per_client: usize, keys: usize) -> Vec<Event> {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         struct Gen {
             event: Event,
             point: u64,
@@ -1304,7 +1289,7 @@ mod tests {
 
     #[test]
     fn agrees_with_brute_force_on_small_random_histories() {
-        let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+        let mut rng = Rng::new(0x0dd_ba11_cafe_f00d);
         let vals = ["a", "b", "c"];
         let mut refuted = 0;
         for _ in 0..3000 {

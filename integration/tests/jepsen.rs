@@ -54,7 +54,7 @@ use anyhow::{Context, Result, bail};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
 use concord_integration::linearizability::{self, Event, Op, Outcome, Recorder};
 use concord_integration::watchcheck::{self, KeyRange, Response, Session, WatcherHistory};
-use concord_integration::{etcd_bin, wait_until};
+use concord_integration::{Rng, etcd_bin, wait_until};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp, WatchOptions,
 };
@@ -101,30 +101,6 @@ const WATCH_IDLE: Duration = Duration::from_secs(3);
 const WATCH_CATCH_UP: Duration = Duration::from_secs(15);
 /// A dead watch must not pass: at least this many events must be checked.
 const MIN_WATCH_EVENTS: usize = 200;
-
-/// xorshift64*: small seeded PRNG (the integration crate has no `rand`).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
 
 /// Counters shared by all clients.
 #[derive(Default)]
@@ -869,11 +845,11 @@ async fn linearizable_under_nemesis() {
                 if from_1 { 1 } else { start_revision + 1 },
                 finish_rx.clone(),
                 request_progress,
-                rng.next(),
+                rng.next_u64(),
             ))
         })
         .collect();
-    let writer = tokio::spawn(txn_writer(endpoints.clone(), stop, rng.next()));
+    let writer = tokio::spawn(txn_writer(endpoints.clone(), stop, rng.next_u64()));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
             tokio::spawn(client_loop(
@@ -882,7 +858,7 @@ async fn linearizable_under_nemesis() {
                 rec.clone(),
                 stats.clone(),
                 stop,
-                rng.next(),
+                rng.next_u64(),
             ))
         })
         .collect();
