@@ -141,18 +141,9 @@ fn now_ns() -> u64 {
 /// `VmRSS` of a process in KiB.
 fn rss_kib(pid: Option<u32>) -> Result<Option<u64>> {
     let Some(pid) = pid else { return Ok(None) };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    let kib = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS line")?
-        .parse()?;
-    Ok(Some(kib))
+    concord_integration::rss_kib(pid)
+        .map(Some)
+        .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
 async fn connect(endpoint: &str, timeout: Option<Duration>) -> Result<Client> {

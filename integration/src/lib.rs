@@ -335,13 +335,9 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The child's resident set size in KiB (`VmRSS` of `/proc/<pid>/status`).
+    /// The child's resident set size in KiB (see [`rss_kib`]).
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        rss_kib(self.pid()?)
     }
 }
 
@@ -371,4 +367,13 @@ impl Rng {
     pub fn millis(&mut self, lo: u64, hi: u64) -> std::time::Duration {
         std::time::Duration::from_millis(lo + self.below(hi - lo + 1))
     }
+}
+
+/// A process's resident set size in KiB (`VmRSS` of `/proc/<pid>/status`), if it runs.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
