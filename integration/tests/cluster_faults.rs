@@ -1137,3 +1137,97 @@ async fn partitioned_member_refuses_while_majority_serves_follower() {
 async fn partitioned_member_refuses_while_majority_serves_leader() {
     partition_scenario(true).await;
 }
+
+// ---------------------------------------------------------------------------------
+// 5. Watches that require a leader (clientv3 `WithRequireLeader`)
+// ---------------------------------------------------------------------------------
+
+/// A watch opened with etcd's `hasleader` metadata on a member that is then cut off
+/// ends with `Unavailable: etcdserver: no leader` once the member has lost its leader,
+/// and a new one is refused; a plain watch on the same member stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn require_leader_watch_ends_on_a_partitioned_member() {
+    let c = start(true, &[]).await;
+    let leader = ok(&c, "leader", c.leader().await);
+    let p = (leader + 1) % 3;
+    let ep = c.endpoint(p);
+    let rl_opts = || {
+        ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_require_leader(true)
+    };
+    let mut rl_client = ok(
+        &c,
+        "client",
+        Client::connect([ep.as_str()], Some(rl_opts()))
+            .await
+            .map_err(Into::into),
+    );
+    let mut plain_client = ok(&c, "client", client_to(&ep, Duration::from_secs(10)).await);
+    let mut rl = ok(
+        &c,
+        "require-leader watch",
+        rl_client.watch("rl", None).await.map_err(Into::into),
+    );
+    let mut plain = ok(
+        &c,
+        "plain watch",
+        plain_client.watch("rl", None).await.map_err(Into::into),
+    );
+    let mut lc = ok(&c, "client", c.client(leader).await);
+    ok(&c, "put", lc.put("rl", "1", None).await.map_err(Into::into));
+    // Both streams are live: each gets the created response and the event.
+    for (name, s) in [("require-leader", &mut rl), ("plain", &mut plain)] {
+        let mut events = 0;
+        while events == 0 {
+            let m = tokio::time::timeout(Duration::from_secs(10), s.message()).await;
+            match m {
+                Ok(Ok(Some(r))) => events += r.events().len(),
+                other => fail(&c, &format!("{name} watch before the cut: {other:?}")),
+            }
+        }
+    }
+
+    ok(&c, "partition", c.partition(p));
+    let cut = Instant::now();
+    // Election timeout 1 s: the member loses its leader within ~2 s and the stream
+    // ends after three more leaderless checks.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match rl.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match ended {
+        Ok(Err(e)) if is_unavailable(&e) && e.to_string().contains("no leader") => {
+            eprintln!("require-leader watch ended after {:?}: {e}", cut.elapsed())
+        }
+        other => fail(
+            &c,
+            &format!("require-leader watch did not end with no leader: {other:?}"),
+        ),
+    }
+    // A new one is refused (at once, or as its first answer).
+    let refused = match rl_client.watch("rl", None).await {
+        Err(e) => is_unavailable(&e),
+        Ok(mut s) => matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.message()).await,
+            Ok(Err(ref e)) if is_unavailable(e)
+        ),
+    };
+    if !refused {
+        fail(
+            &c,
+            "a new require-leader watch on the leaderless member was not refused",
+        );
+    }
+    // The plain watch is still open: nothing arrives, and no error either.
+    match tokio::time::timeout(Duration::from_secs(2), plain.message()).await {
+        Err(_) => {}
+        Ok(other) => fail(&c, &format!("the plain watch ended or answered: {other:?}")),
+    }
+    c.heal();
+}

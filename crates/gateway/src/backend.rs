@@ -57,4 +57,17 @@ pub trait WatchSession: Send + Sync + 'static {
 /// The Watch service's backend.
 pub trait WatchBackend: Send + Sync + 'static {
     fn open_watch(&self) -> Result<Box<dyn WatchSession>>;
+
+    /// Whether this member knows a leader. Streams of clients that send etcd's
+    /// `hasleader` metadata (clientv3 `WithRequireLeader`) are refused without one,
+    /// and ended once the leader has been missing for [`WatchBackend::leader_check`]
+    /// three checks in a row, as etcd does.
+    fn has_leader(&self) -> bool {
+        true
+    }
+
+    /// How often `hasleader` streams check for a leader (etcd: the election timeout).
+    fn leader_check(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
 }

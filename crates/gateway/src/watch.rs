@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::{WatchBackend, WatchSession};
+use crate::error::Error;
 use crate::validate::Limits;
 
 /// Serves Watch over any [`WatchBackend`].
@@ -32,6 +33,12 @@ impl<B: ?Sized> WatchService<B> {
     }
 }
 
+/// gRPC metadata a client sets to have its streams cancelled while this member has no
+/// leader, with the value `true` (etcd's `rpctypes.MetadataRequireLeaderKey`).
+const REQUIRE_LEADER_KEY: &str = "hasleader";
+/// Consecutive leaderless checks before such a stream ends (etcd's `maxNoLeaderCnt`).
+const LEADERLESS_CHECKS: u32 = 3;
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -42,6 +49,13 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let require_leader = req
+            .metadata()
+            .get(REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        if require_leader && !self.backend.has_leader() {
+            return Err(Error::NoLeader.into());
+        }
         let session: Arc<dyn WatchSession> = Arc::from(self.backend.open_watch()?);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(16);
@@ -72,11 +86,25 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
         // etcd's watch server fragments at the request limit plus its 512 KiB gRPC
         // allowance (`grpcOverheadBytes`), not at the request limit itself.
         let max = self.limits.max_grpc_message();
+        let backend = self.backend.clone();
+        let period = backend.leader_check();
+        let mut leader_checks =
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        leader_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leaderless = 0;
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     r = session.next() => r,
                     _ = tx.closed() => break,
+                    _ = leader_checks.tick(), if require_leader => {
+                        leaderless = if backend.has_leader() { 0 } else { leaderless + 1 };
+                        if leaderless >= LEADERLESS_CHECKS {
+                            let _ = tx.send(Err(Error::NoLeader.into())).await;
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 let Some((resp, fragment)) = next else {
                     break;

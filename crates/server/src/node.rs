@@ -111,6 +111,7 @@ pub fn raft_error(e: consensus::Error) -> ApiError {
 pub struct Node {
     store: Arc<mvcc::Store>,
     hub: Arc<concord_watch::Hub>,
+    election_timeout: Duration,
     raft: consensus::Handle<Output>,
     identity: Identity,
     /// Client URLs of other members fill in as they answer `Peer/Attributes`.
@@ -224,6 +225,7 @@ impl Node {
         let node = Arc::new(Node {
             store,
             hub,
+            election_timeout: Duration::from_millis(cfg.election_timeout),
             raft: raft.handle.clone(),
             identity,
             members: std::sync::Mutex::new(members),
@@ -475,6 +477,14 @@ impl ClusterBackend for Node {
 }
 
 impl WatchBackend for Node {
+    fn has_leader(&self) -> bool {
+        self.raft.status().leader != 0
+    }
+
+    fn leader_check(&self) -> Duration {
+        self.election_timeout
+    }
+
     fn open_watch(&self) -> ApiResult<Box<dyn WatchSession>> {
         let identity = self.identity;
         let raft = self.raft.clone();
