@@ -789,22 +789,29 @@ impl WatchStream {
         loop {
             let item = {
                 let mut q = self.outbox.lock();
+                let was_full =
+                    q.events >= self.outbox.max_responses || q.bytes >= self.outbox.max_bytes;
                 match q.items.pop_front() {
                     Some(r) => {
                         if matches!(r, Response::Events { .. }) {
                             q.events -= 1;
                             q.bytes -= r.size();
                         }
-                        Some(r)
+                        Some((r, was_full))
                     }
                     None if q.closed => return None,
                     None => None,
                 }
             };
             match item {
-                Some(r) => {
+                Some((r, was_full)) => {
                     self.outbox.space.notify_one();
-                    self.shared.kick();
+                    if was_full {
+                        // Watchers moved aside while the outbox was full can be caught
+                        // up now; otherwise the catch-up thread's periodic pass suffices
+                        // and the fan-out path stays free of wake-ups.
+                        self.shared.kick();
+                    }
                     return Some(self.with_prev_kv(r));
                 }
                 None => self.outbox.ready.notified().await,
