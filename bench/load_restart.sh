@@ -35,6 +35,11 @@ start_server() { # kind dir port peer -> pid
   echo $!
 }
 
+# start_server runs in a command substitution, so its server is not this shell's child
+# and `wait` cannot wait for it: poll until the process is gone (it holds the data dir
+# and the ports until then).
+stop_server() { kill -TERM "$1" 2>/dev/null || true; while kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
+
 declare -A R
 for kind in concord etcd; do
   dir=$WORK/$kind; port=$(free_port); peer=$(free_port)
@@ -45,7 +50,7 @@ for kind in concord etcd; do
   R[$kind,put_s]=$(echo "$out" | awk '{print $6}')
   R[$kind,p99]=$(echo "$out" | awk '{print $10}')
   R[$kind,rss_loaded]=$(rss_mb "$pid")
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  stop_server "$pid"
   R[$kind,disk_mb]=$(du -sm "$dir" | awk '{print $1}')
   t0=$(date +%s.%N)
   pid=$(start_server $kind "$dir" "$port" "$peer"); PIDS+=("$pid")
@@ -54,7 +59,7 @@ for kind in concord etcd; do
   R[$kind,restart_s]=$(python3 -c "print(round($t1 - $t0, 3))")
   R[$kind,rss_restart]=$(rss_mb "$pid")
   "$LOAD" --endpoint "http://127.0.0.1:$port" --verify --keys "$N" >/dev/null
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  stop_server "$pid"
 done
 
 ratio() { python3 -c "a=float('$1'); b=float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
