@@ -285,14 +285,7 @@ async fn throughput(o: &Opts, run: &str) -> Result<serde_json::Value> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = parse()?;
-    let run = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-    );
+    let run = concord_integration::run_id();
     let out = match o.mode {
         Mode::Probe => probe(&o).await?,
         Mode::Latency => latency(&o, &run).await?,

@@ -492,14 +492,7 @@ async fn run(o: &Opts, run_id: &str) -> Result<serde_json::Value> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = parse()?;
-    let run_id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-    );
+    let run_id = concord_integration::run_id();
     let out = if o.probe {
         probe(&o).await?
     } else {
