@@ -3,7 +3,7 @@
 //! store's contents with such an image.
 //!
 //! The image is a logical dump of the `kv` column family (every revision record, as
-//! stored) plus the compaction marks, read through a RocksDB snapshot so writes that
+//! stored), the lease records, and the compaction marks, read through a RocksDB snapshot so writes that
 //! continue after the export started are not in it. Caller metadata (`user/` keys such
 //! as the member's own identity) is neither exported nor replaced: it belongs to the
 //! member, not to the replicated state. Integrity of the bytes in transit or on disk is
@@ -23,8 +23,11 @@ use crate::store::{
     read_i64_meta,
 };
 
-const MAGIC: &[u8; 16] = b"concord-mvcc-v1\n";
+const MAGIC: &[u8; 16] = b"concord-mvcc-v2\n";
+/// Images from before lease records existed: the same frames, without `TAG_LEASE`.
+const MAGIC_V1: &[u8; 16] = b"concord-mvcc-v1\n";
 const TAG_RECORD: u8 = 1;
+const TAG_LEASE: u8 = 2;
 const TAG_END: u8 = 0;
 /// Bytes handed from the export thread to the reader at a time.
 const CHUNK: usize = 256 * 1024;
@@ -69,8 +72,8 @@ impl Read for Export {
     }
 }
 
-fn put_frame(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
-    out.push(TAG_RECORD);
+fn put_frame(out: &mut Vec<u8>, tag: u8, k: &[u8], v: &[u8]) {
+    out.push(tag);
     out.extend_from_slice(&(k.len() as u32).to_be_bytes());
     out.extend_from_slice(k);
     out.extend_from_slice(&(v.len() as u32).to_be_bytes());
@@ -114,12 +117,19 @@ impl Store {
                 let mut ro = ReadOptions::default();
                 ro.set_snapshot(&snap);
                 let mut count: u64 = 0;
-                for item in shared
+                let mut lease_ro = ReadOptions::default();
+                lease_ro.set_snapshot(&snap);
+                let records = shared
                     .db
                     .iterator_cf_opt(shared.kv(), ro, IteratorMode::Start)
-                {
+                    .map(|r| (TAG_RECORD, r));
+                let leases = shared
+                    .db
+                    .iterator_cf_opt(shared.lease_cf(), lease_ro, IteratorMode::Start)
+                    .map(|r| (TAG_LEASE, r));
+                for (tag, item) in records.chain(leases) {
                     match item {
-                        Ok((k, v)) => put_frame(&mut chunk, &k, &v),
+                        Ok((k, v)) => put_frame(&mut chunk, tag, &k, &v),
                         Err(e) => {
                             let _ = tx.send(Err(io::Error::other(e.into_string())));
                             return;
@@ -176,7 +186,7 @@ impl Store {
         let mut r = io::BufReader::with_capacity(1 << 20, image);
         let mut magic = [0u8; 16];
         read_exact(&mut r, &mut magic)?;
-        if &magic != MAGIC {
+        if &magic != MAGIC && &magic != MAGIC_V1 {
             return Err(corrupt("not a concord store image"));
         }
         let current = read_i64(&mut r)?;
@@ -187,6 +197,7 @@ impl Store {
         // seen as "no state" rather than as the old state.
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(shared.kv(), Vec::<u8>::new(), vec![0xffu8; 17]);
+        batch.delete_range_cf(shared.lease_cf(), Vec::<u8>::new(), vec![0xffu8; 9]);
         for k in [
             META_CONSISTENT_INDEX,
             META_COMPACT_SCHEDULED,
@@ -201,10 +212,15 @@ impl Store {
             let mut tag = [0u8; 1];
             read_exact(&mut r, &mut tag)?;
             match tag[0] {
-                TAG_RECORD => {
+                tag @ (TAG_RECORD | TAG_LEASE) => {
                     let k = read_bytes(&mut r)?;
                     let v = read_bytes(&mut r)?;
-                    batch.put_cf(shared.kv(), k, v);
+                    let cf = if tag == TAG_LEASE {
+                        shared.lease_cf()
+                    } else {
+                        shared.kv()
+                    };
+                    batch.put_cf(cf, k, v);
                     count += 1;
                     if batch.len() >= IMPORT_BATCH {
                         shared.db.write(std::mem::take(&mut batch))?;

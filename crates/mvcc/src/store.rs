@@ -7,7 +7,7 @@
 //! RocksDB write (one fsync), and only then publishes the new revisions to readers.
 //! Compaction runs on its own thread, in chunks, so it never holds the lock for long.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -25,6 +25,8 @@ use crate::types::*;
 
 pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_META: &str = "meta";
+/// Lease records, keyed by the lease id (big-endian); the values are the caller's.
+pub(crate) const CF_LEASE: &str = "lease";
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
@@ -53,6 +55,47 @@ pub(crate) struct State {
     pub(crate) index: Index,
     pub(crate) current: i64,
     pub(crate) compacted: i64,
+    pub(crate) attached: Attached,
+}
+
+/// Which live keys carry which lease: rebuilt from the records on open, kept current by
+/// every commit. Only keys with a lease take space here.
+#[derive(Debug, Default)]
+pub(crate) struct Attached {
+    by_lease: HashMap<i64, BTreeSet<Vec<u8>>>,
+    by_key: HashMap<Vec<u8>, i64>,
+}
+
+impl Attached {
+    /// Records the key's newest state: `lease` 0 (or a tombstone, `None`) detaches it.
+    pub(crate) fn set(&mut self, key: &[u8], lease: Option<i64>) {
+        let lease = lease.unwrap_or(0);
+        match self.by_key.get(key) {
+            Some(&old) if old == lease => return,
+            Some(&old) => {
+                if let Some(keys) = self.by_lease.get_mut(&old) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_lease.remove(&old);
+                    }
+                }
+                self.by_key.remove(key);
+            }
+            None if lease == 0 => return,
+            None => {}
+        }
+        if lease != 0 {
+            self.by_key.insert(key.to_vec(), lease);
+            self.by_lease.entry(lease).or_default().insert(key.to_vec());
+        }
+    }
+
+    pub(crate) fn keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.by_lease
+            .get(&lease)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 pub(crate) struct Shared {
@@ -72,6 +115,12 @@ impl Shared {
         self.db
             .cf_handle(CF_META)
             .expect("meta column family exists")
+    }
+
+    pub(crate) fn lease_cf(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(CF_LEASE)
+            .expect("lease column family exists")
     }
 
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -143,7 +192,7 @@ impl Store {
     /// resuming a compaction that was scheduled but not finished.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let opts = db_options();
-        let cfs = [CF_KV, CF_META].map(|n| ColumnFamilyDescriptor::new(n, db_options()));
+        let cfs = [CF_KV, CF_META, CF_LEASE].map(|n| ColumnFamilyDescriptor::new(n, db_options()));
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
         let shared = Arc::new(Shared {
             db,
@@ -151,6 +200,7 @@ impl Store {
                 index: Index::new(),
                 current: 1,
                 compacted: 0,
+                attached: Attached::default(),
             }),
             compaction: Mutex::new(()),
         });
@@ -217,7 +267,11 @@ impl Store {
         };
         let mut total = 0;
         let mut live = 0;
-        for cf in [self.shared.kv(), self.shared.meta_cf()] {
+        for cf in [
+            self.shared.kv(),
+            self.shared.meta_cf(),
+            self.shared.lease_cf(),
+        ] {
             let mem = prop(cf, "rocksdb.cur-size-all-mem-tables");
             total += prop(cf, "rocksdb.total-sst-files-size") + mem;
             live += prop(cf, "rocksdb.estimate-live-data-size") + mem;
@@ -314,6 +368,29 @@ impl Store {
         Ok(HistoryPage::Events(out))
     }
 
+    /// Every lease record ([`Writer::put_lease`]) in id order: `(id, value)`.
+    pub fn leases(&self) -> Result<Vec<(i64, Vec<u8>)>> {
+        let shared = &*self.shared;
+        let mut out = Vec::new();
+        for item in shared
+            .db
+            .iterator_cf(shared.lease_cf(), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let id: [u8; 8] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| Error::Corrupt("lease record key".into()))?;
+            out.push((i64::from_be_bytes(id), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The live keys attached to `lease`, sorted.
+    pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.shared.read_state().attached.keys(lease)
+    }
+
     /// Starts a write batch. Only one exists at a time; others wait here.
     pub fn writer(&self) -> Result<Writer<'_>> {
         let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -335,6 +412,7 @@ impl Store {
             overlay: BTreeMap::new(),
             changes: Vec::new(),
             meta: Vec::new(),
+            lease_ops: Vec::new(),
             base,
             rev: base,
             compacted,
@@ -383,6 +461,7 @@ impl Drop for Store {
 /// records on disk; `compacted` is the newest scheduled compaction.
 pub(crate) fn load_state(shared: &Shared, compacted: i64) -> Result<()> {
     let mut index = Index::new();
+    let mut attached = Attached::default();
     let mut max_rev = 1;
     for item in shared.db.iterator_cf(shared.kv(), IteratorMode::Start) {
         let (k, v) = item?;
@@ -390,10 +469,13 @@ pub(crate) fn load_state(shared: &Shared, compacted: i64) -> Result<()> {
         let rec = decode_record(rev, &v)?;
         let created = Revision::new(rec.kv.create_revision, 0);
         index.restore(&rec.kv.key, rev, created, rec.kv.version, rec.tombstone);
+        // Records come in revision order, so the last one of a key decides.
+        attached.set(&rec.kv.key, (!rec.tombstone).then_some(rec.kv.lease));
         max_rev = rev.main;
     }
     let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
     st.index = index;
+    st.attached = attached;
     // Compaction may have removed the newest records (tombstones), but never past the
     // compacted revision.
     st.current = max_rev.max(compacted);
@@ -765,6 +847,8 @@ pub struct Writer<'a> {
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     changes: Vec<Change>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Lease records to write (`Some`) or remove (`None`) with the batch.
+    lease_ops: Vec<(i64, Option<Vec<u8>>)>,
     /// Committed revision the batch builds on.
     base: i64,
     /// Newest revision assigned in this batch.
@@ -1071,6 +1155,41 @@ impl Writer<'_> {
         ));
     }
 
+    /// Stores a lease record with the batch (read them back with [`Store::leases`]).
+    pub fn put_lease(&mut self, id: i64, value: &[u8]) {
+        self.lease_ops.push((id, Some(value.to_vec())));
+    }
+
+    /// Removes a lease record with the batch.
+    pub fn delete_lease(&mut self, id: i64) {
+        self.lease_ops.push((id, None));
+    }
+
+    /// Deletes every live key attached to `lease` in one write txn (one revision, the
+    /// keys in sorted order, as etcd revokes), and returns the revision after it.
+    pub fn delete_leased_keys(&mut self, lease: i64) -> Result<i64> {
+        // The batch's own puts may have attached or detached keys: publish them first so
+        // the attached set is current.
+        if !self.changes.is_empty() {
+            self.flush()?;
+        }
+        let keys = self.store.lease_keys(lease);
+        let req = TxnRequest {
+            compare: Vec::new(),
+            success: keys
+                .into_iter()
+                .map(|k| {
+                    RequestOp::DeleteRange(DeleteRangeRequest {
+                        range: KeyRange::new(k, Vec::new()),
+                        prev_kv: false,
+                    })
+                })
+                .collect(),
+            failure: Vec::new(),
+        };
+        Ok(self.txn(&req, &NoLeases)?.header_revision)
+    }
+
     /// Writes the batch in one RocksDB write, then makes it visible. `consistent_index`
     /// (the log index of the last entry applied) is written in the same write, so
     /// replaying a log after a crash can skip what is already here.
@@ -1102,7 +1221,11 @@ impl Writer<'_> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.changes.is_empty() && self.meta.is_empty() && self.compactions.is_empty() {
+        if self.changes.is_empty()
+            && self.meta.is_empty()
+            && self.compactions.is_empty()
+            && self.lease_ops.is_empty()
+        {
             return Ok(());
         }
         let shared = &*self.store.shared;
@@ -1116,6 +1239,12 @@ impl Writer<'_> {
         }
         for (k, v) in &self.meta {
             batch.put_cf(shared.meta_cf(), k, v);
+        }
+        for (id, v) in &self.lease_ops {
+            match v {
+                Some(v) => batch.put_cf(shared.lease_cf(), id.to_be_bytes(), v),
+                None => batch.delete_cf(shared.lease_cf(), id.to_be_bytes()),
+            }
         }
         if let Some((rev, _)) = self.compactions.last() {
             batch.put_cf(shared.meta_cf(), META_COMPACT_SCHEDULED, rev.to_be_bytes());
@@ -1140,6 +1269,8 @@ impl Writer<'_> {
                 } else {
                     st.index.put(&c.kv.key, c.rev);
                 }
+                st.attached
+                    .set(&c.kv.key, (!c.tombstone).then_some(c.kv.lease));
                 self.flushed.push(c);
             }
             st.current = self.rev;
@@ -1150,6 +1281,7 @@ impl Writer<'_> {
         }
         self.overlay.clear();
         self.meta.clear();
+        self.lease_ops.clear();
         self.base = self.rev;
         Ok(())
     }

@@ -316,3 +316,94 @@ fn history_pages_end_at_revision_boundaries_and_report_compaction() {
         "a, c at 4 (b's tombstone is compacted away) and a at 5"
     );
 }
+
+/// Every lease id is granted: the store only tracks attachment.
+struct AllLeases;
+
+impl LeaseLookup for AllLeases {
+    fn lease_exists(&self, _id: i64) -> bool {
+        true
+    }
+}
+
+fn put_leased(w: &mut Writer<'_>, k: &str, lease: i64) {
+    w.put(
+        &PutRequest {
+            key: k.into(),
+            value: b"v".to_vec(),
+            lease,
+            ..Default::default()
+        },
+        &AllLeases,
+    )
+    .unwrap();
+}
+
+#[test]
+fn lease_records_and_attached_keys_survive_reopen_and_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir.path().join("a"));
+    let mut w = s.writer().unwrap();
+    w.put_lease(7, b"seven");
+    w.put_lease(9, b"nine");
+    put_leased(&mut w, "b", 7);
+    put_leased(&mut w, "a", 7);
+    put_leased(&mut w, "c", 9);
+    put_leased(&mut w, "d", 7);
+    // Re-put without a lease detaches; a delete detaches.
+    put_leased(&mut w, "d", 0);
+    w.commit(Some(3)).unwrap();
+    del(&s, "c", "");
+    assert_eq!(s.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert!(s.lease_keys(9).is_empty());
+    assert_eq!(
+        s.leases().unwrap(),
+        vec![(7, b"seven".to_vec()), (9, b"nine".to_vec())]
+    );
+    drop(s);
+
+    let s = std::sync::Arc::new(open(&dir.path().join("a")));
+    assert_eq!(s.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(s.leases().unwrap().len(), 2);
+    let mut image = Vec::new();
+    std::io::Read::read_to_end(&mut s.export().unwrap(), &mut image).unwrap();
+
+    // Revoking: the batch's own new attachment is included, all in one revision.
+    let before = s.current_revision();
+    let mut w = s.writer().unwrap();
+    put_leased(&mut w, "e", 7);
+    let rev = w.delete_leased_keys(7).unwrap();
+    w.delete_lease(7);
+    w.commit(Some(4)).unwrap();
+    assert_eq!(rev, before + 2);
+    assert_eq!(s.current_revision(), before + 2);
+    for k in ["a", "b", "e"] {
+        assert!(get(&s, k, 0).unwrap().is_none(), "{k} survived the revoke");
+    }
+    let kvs = s
+        .range(&RangeRequest {
+            range: KeyRange::new("a", "z"),
+            revision: before + 1,
+            ..Default::default()
+        })
+        .unwrap()
+        .kvs;
+    assert_eq!(
+        kvs.len(),
+        4,
+        "a, b, d and e all live just before the revoke"
+    );
+    assert!(s.lease_keys(7).is_empty());
+    assert_eq!(s.leases().unwrap(), vec![(9, b"nine".to_vec())]);
+    // An empty revoke makes no revision.
+    let mut w = s.writer().unwrap();
+    assert_eq!(w.delete_leased_keys(9).unwrap(), before + 2);
+    w.commit(None).unwrap();
+    assert_eq!(s.current_revision(), before + 2);
+
+    // The image from before the revoke brings both leases and the attachments back.
+    let t = open(&dir.path().join("b"));
+    t.import(&mut &image[..], 10).unwrap();
+    assert_eq!(t.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(t.leases().unwrap().len(), 2);
+}
