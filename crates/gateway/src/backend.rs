@@ -18,6 +18,27 @@ pub trait KvBackend: Send + Sync + 'static {
 }
 
 /// The parts of the Maintenance service a backend provides.
+/// The Lease service's backend.
+#[tonic::async_trait]
+pub trait LeaseBackend: Send + Sync + 'static {
+    async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse>;
+    async fn lease_revoke(&self, req: LeaseRevokeRequest) -> Result<LeaseRevokeResponse>;
+    /// One renewal. An unknown lease is not an error: it answers TTL 0. `forwarded`:
+    /// another member sent this call here believing this member leads.
+    async fn lease_keep_alive(
+        &self,
+        req: LeaseKeepAliveRequest,
+        forwarded: bool,
+    ) -> Result<LeaseKeepAliveResponse>;
+    /// An unknown lease is not an error: it answers TTL -1.
+    async fn lease_time_to_live(
+        &self,
+        req: LeaseTimeToLiveRequest,
+        forwarded: bool,
+    ) -> Result<LeaseTimeToLiveResponse>;
+    async fn lease_leases(&self, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse>;
+}
+
 #[tonic::async_trait]
 pub trait MaintenanceBackend: Send + Sync + 'static {
     async fn status(&self) -> Result<StatusResponse>;

@@ -6,20 +6,22 @@
 //! option combinations, duplicate keys in a txn), handed to the backend, and its error,
 //! if any, turned into etcd's gRPC code and text in one place ([`Error`]).
 //!
-//! Owns: the gRPC services (`KV`, `Watch`, `Maintenance`, `Cluster`, `grpc.health.v1.Health`),
+//! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`,
+//! `grpc.health.v1.Health`),
 //! the HTTP endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`),
 //! and the composition of both into one router ([`router`]).
 //!
 //! Not: storage, consensus, or anything that knows how the data is kept; it depends on
 //! no other Concord crate than `concord-proto`. Put it in front of a different backend
-//! by implementing [`KvBackend`], [`WatchBackend`], [`MaintenanceBackend`], [`ClusterBackend`] and
-//! [`HealthBackend`].
+//! by implementing [`KvBackend`], [`WatchBackend`], [`LeaseBackend`], [`MaintenanceBackend`],
+//! [`ClusterBackend`] and [`HealthBackend`].
 
 mod backend;
 mod error;
 mod health;
 pub mod http;
 mod kv;
+mod lease;
 mod listener;
 mod maintenance;
 mod validate;
@@ -30,17 +32,19 @@ use std::sync::Arc;
 use axum::response::IntoResponse;
 
 use concord_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use concord_proto::grpc::health::v1::health_server::HealthServer;
 
 pub use backend::{
-    ClusterBackend, HealthBackend, KvBackend, MaintenanceBackend, WatchBackend, WatchSession,
+    ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend,
+    WatchSession,
 };
 pub use error::{Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
+pub use lease::{FORWARDED_KEY, LeaseService};
 pub use listener::ClientListener;
 pub use maintenance::{ClusterService, MaintenanceService};
 /// The attribute the backend traits are declared with; implementors use it too, so they
@@ -51,11 +55,12 @@ pub use watch::{WatchService, create_filters, fragments};
 
 /// Everything a backend must provide to be served by [`router`].
 pub trait Backend:
-    KvBackend + WatchBackend + MaintenanceBackend + ClusterBackend + HealthBackend
+    KvBackend + WatchBackend + LeaseBackend + MaintenanceBackend + ClusterBackend + HealthBackend
 {
 }
-impl<T: KvBackend + WatchBackend + MaintenanceBackend + ClusterBackend + HealthBackend> Backend
-    for T
+impl<
+    T: KvBackend + WatchBackend + LeaseBackend + MaintenanceBackend + ClusterBackend + HealthBackend,
+> Backend for T
 {
 }
 
@@ -66,6 +71,7 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
         .max_decoding_message_size(max);
     let watch = WatchServer::from_arc(Arc::new(WatchService::new(backend.clone(), limits)))
         .max_decoding_message_size(max);
+    let lease = LeaseServer::new(LeaseService::new(backend.clone()));
     let maintenance = MaintenanceServer::new(MaintenanceService::new(backend.clone()))
         .max_decoding_message_size(max);
     let cluster =
@@ -73,6 +79,7 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
     let health = HealthServer::new(HealthService::new(backend.clone()));
     let grpc = tonic::service::Routes::new(kv)
         .add_service(watch)
+        .add_service(lease)
         .add_service(maintenance)
         .add_service(cluster)
         .add_service(health)

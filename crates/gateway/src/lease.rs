@@ -1,0 +1,107 @@
+//! The `etcdserverpb.Lease` service. Grant, revoke, time-to-live and the lease list map
+//! one-to-one onto a [`LeaseBackend`]; `LeaseKeepAlive` is a bidirectional stream whose
+//! requests are renewed one at a time, in order, each answered on the stream (an
+//! unknown lease answers TTL 0, as etcd does; any other error ends the stream with
+//! etcd's status).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use concord_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, lease_server::Lease,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backend::LeaseBackend;
+
+/// gRPC metadata a member sets when it forwards a lease call to the member it believes
+/// leads, so the receiver answers "not leader" instead of forwarding it again.
+pub const FORWARDED_KEY: &str = "concord-forwarded";
+
+/// Serves Lease over any [`LeaseBackend`].
+pub struct LeaseService<B: ?Sized> {
+    backend: Arc<B>,
+}
+
+impl<B: ?Sized> LeaseService<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        Self { backend }
+    }
+}
+
+fn forwarded(m: &MetadataMap) -> bool {
+    m.get(FORWARDED_KEY).is_some()
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_grant(req.into_inner()).await?,
+        ))
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_revoke(req.into_inner()).await?,
+        ))
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let hop = forwarded(req.metadata());
+        let mut inbound = req.into_inner();
+        let backend = self.backend.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(next) = inbound.next().await {
+                let Ok(r) = next else { return };
+                let out = backend.lease_keep_alive(r, hop).await.map_err(Status::from);
+                let failed = out.is_err();
+                if tx.send(out).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let hop = forwarded(req.metadata());
+        Ok(Response::new(
+            self.backend
+                .lease_time_to_live(req.into_inner(), hop)
+                .await?,
+        ))
+    }
+
+    async fn lease_leases(
+        &self,
+        req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        Ok(Response::new(
+            self.backend.lease_leases(req.into_inner()).await?,
+        ))
+    }
+}
