@@ -310,6 +310,12 @@ impl<O: Send + 'static> Handle<O> {
         Ok(())
     }
 
+    /// A fresh id in the layout of the proposal ids (member bits, start time, counter):
+    /// unique per member across restarts. etcd picks lease ids the same way.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The node's current view of the group.
     pub fn status(&self) -> Status {
         let mut s = self.shared.status();

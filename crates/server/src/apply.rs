@@ -12,16 +12,21 @@ use std::io::Read;
 use std::sync::Arc;
 
 use concord_consensus::{Committed, StateMachine};
+use concord_gateway::Error as ApiError;
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 
 use crate::convert;
+use crate::lease::{self, Lessor};
 
 const TAG_PUT: u8 = 1;
 const TAG_DELETE_RANGE: u8 = 2;
 const TAG_TXN: u8 = 3;
 const TAG_COMPACT: u8 = 4;
+const TAG_LEASE_GRANT: u8 = 5;
+const TAG_LEASE_REVOKE: u8 = 6;
+const TAG_LEASE_CHECKPOINT: u8 = 7;
 
 /// A write as it travels through the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +35,11 @@ pub enum Command {
     DeleteRange(pb::DeleteRangeRequest),
     Txn(pb::TxnRequest),
     Compact(pb::CompactionRequest),
+    /// `ID` is already chosen and `TTL` already raised to the minimum by the proposer.
+    LeaseGrant(pb::LeaseGrantRequest),
+    LeaseRevoke(pb::LeaseRevokeRequest),
+    /// `(lease id, remaining ms or [`lease::FULL`])`, decided by the primary.
+    LeaseCheckpoint(Vec<(i64, i64)>),
 }
 
 impl Command {
@@ -39,6 +49,9 @@ impl Command {
             Command::DeleteRange(r) => (TAG_DELETE_RANGE, r.encode_to_vec()),
             Command::Txn(r) => (TAG_TXN, r.encode_to_vec()),
             Command::Compact(r) => (TAG_COMPACT, r.encode_to_vec()),
+            Command::LeaseGrant(r) => (TAG_LEASE_GRANT, r.encode_to_vec()),
+            Command::LeaseRevoke(r) => (TAG_LEASE_REVOKE, r.encode_to_vec()),
+            Command::LeaseCheckpoint(c) => (TAG_LEASE_CHECKPOINT, lease::encode_checkpoints(c)),
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(tag);
@@ -56,6 +69,13 @@ impl Command {
             }
             TAG_TXN => Command::Txn(pb::TxnRequest::decode(body).map_err(bad)?),
             TAG_COMPACT => Command::Compact(pb::CompactionRequest::decode(body).map_err(bad)?),
+            TAG_LEASE_GRANT => {
+                Command::LeaseGrant(pb::LeaseGrantRequest::decode(body).map_err(bad)?)
+            }
+            TAG_LEASE_REVOKE => {
+                Command::LeaseRevoke(pb::LeaseRevokeRequest::decode(body).map_err(bad)?)
+            }
+            TAG_LEASE_CHECKPOINT => Command::LeaseCheckpoint(lease::decode_checkpoints(body)?),
             other => return Err(format!("unknown command tag {other}")),
         })
     }
@@ -69,16 +89,25 @@ pub enum Applied {
     Txn(mvcc::TxnResponse),
     /// The revision after the compaction was scheduled, and a handle to wait for it.
     Compact(i64, mvcc::CompactWait),
+    /// The lease granted and its TTL, and the revision.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+        revision: i64,
+    },
+    /// The revision after the lease's keys were deleted.
+    LeaseRevoke(i64),
+    LeaseCheckpoint,
 }
 
-/// What a proposer gets back: the command's result, or the (deterministic) error the
-/// store gave it.
-pub type Output = mvcc::Result<Applied>;
+/// What a proposer gets back: the command's result, or the (deterministic) error it
+/// met, as the client will see it.
+pub type Output = Result<Applied, ApiError>;
 
-/// The KV store as Raft's state machine.
+/// The KV store and its leases as Raft's state machine.
 pub struct KvMachine {
     store: Arc<mvcc::Store>,
-    leases: Arc<dyn mvcc::LeaseLookup + Send + Sync>,
+    leases: Arc<Lessor>,
     /// Gets every applied revision's changes once they are readable.
     hub: Arc<concord_watch::Hub>,
 }
@@ -86,27 +115,43 @@ pub struct KvMachine {
 impl KvMachine {
     pub fn new(
         store: Arc<mvcc::Store>,
-        leases: Arc<dyn mvcc::LeaseLookup + Send + Sync>,
+        leases: Arc<Lessor>,
         hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
         KvMachine { store, leases, hub }
     }
 }
 
-fn apply_one(w: &mut mvcc::Writer<'_>, leases: &dyn mvcc::LeaseLookup, data: &[u8]) -> Output {
+fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, data: &[u8]) -> Output {
     let cmd = match Command::decode(data) {
         Ok(c) => c,
         // Every member decodes the same bytes the same way, so failing just this
         // command keeps them in step.
-        Err(e) => return Err(mvcc::Error::Corrupt(e)),
+        Err(e) => return Err(convert::api_error(mvcc::Error::Corrupt(e))),
     };
+    let store = convert::api_error;
     Ok(match cmd {
-        Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases)?),
-        Command::DeleteRange(d) => Applied::DeleteRange(w.delete_range(&convert::delete_req(d))?),
-        Command::Txn(t) => Applied::Txn(w.txn(&convert::txn_req(t), leases)?),
+        Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases).map_err(store)?),
+        Command::DeleteRange(d) => {
+            Applied::DeleteRange(w.delete_range(&convert::delete_req(d)).map_err(store)?)
+        }
+        Command::Txn(t) => Applied::Txn(w.txn(&convert::txn_req(t), leases).map_err(store)?),
         Command::Compact(c) => {
-            let wait = w.compact(c.revision)?;
+            let wait = w.compact(c.revision).map_err(store)?;
             Applied::Compact(w.revision(), wait)
+        }
+        Command::LeaseGrant(g) => {
+            let ttl = leases.apply_grant(w, g.id, g.ttl)?;
+            Applied::LeaseGrant {
+                id: g.id,
+                ttl,
+                revision: w.revision(),
+            }
+        }
+        Command::LeaseRevoke(r) => Applied::LeaseRevoke(leases.apply_revoke(w, r.id)?),
+        Command::LeaseCheckpoint(cps) => {
+            leases.apply_checkpoint(w, &cps);
+            Applied::LeaseCheckpoint
         }
     })
 }
@@ -122,7 +167,7 @@ impl StateMachine for KvMachine {
         let mut writer = self.store.writer().map_err(|e| e.to_string())?;
         let outputs: Vec<Output> = cmds
             .iter()
-            .map(|c| apply_one(&mut writer, &*self.leases, c.data))
+            .map(|c| apply_one(&mut writer, &self.leases, c.data))
             .collect();
         let last = cmds.last().map(|c| c.index);
         let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
@@ -136,6 +181,7 @@ impl StateMachine for KvMachine {
 
     fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
         self.store.import(image, index).map_err(|e| e.to_string())?;
+        self.leases.reload(&self.store)?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
@@ -167,6 +213,9 @@ mod tests {
                 revision: 9,
                 physical: true,
             }),
+            Command::LeaseGrant(pb::LeaseGrantRequest { ttl: 5, id: 77 }),
+            Command::LeaseRevoke(pb::LeaseRevokeRequest { id: 77 }),
+            Command::LeaseCheckpoint(vec![(77, 1500), (78, lease::FULL)]),
         ];
         for c in cmds {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
@@ -187,7 +236,8 @@ mod tests {
             store.current_revision(),
             concord_watch::HubOptions::default(),
         ));
-        let mut m = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases), hub);
+        let leases = Arc::new(Lessor::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases, hub);
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -218,8 +268,85 @@ mod tests {
             ])
             .unwrap();
         assert!(matches!(&out[0], Ok(Applied::Put(r)) if r.header_revision == 2));
-        assert!(matches!(&out[1], Err(mvcc::Error::Corrupt(_))));
+        assert!(matches!(&out[1], Err(ApiError::Internal(_))));
         assert!(matches!(&out[2], Ok(Applied::Put(r)) if r.header_revision == 3));
         assert_eq!(m.applied_index(), 7);
+    }
+
+    #[test]
+    fn leases_gate_puts_and_a_revoke_deletes_their_keys_in_one_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            mvcc::Store::open(dir.path(), mvcc::StoreOptions { sync_writes: false }).unwrap(),
+        );
+        let hub = Arc::new(concord_watch::Hub::new(
+            Arc::new(crate::watch::StoreHistory(store.clone())),
+            store.current_revision(),
+            concord_watch::HubOptions::default(),
+        ));
+        let leases = Arc::new(Lessor::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases.clone(), hub);
+        let put = |k: &str, lease: i64| {
+            Command::Put(pb::PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+                lease,
+                ..Default::default()
+            })
+            .encode()
+        };
+        let grant = Command::LeaseGrant(pb::LeaseGrantRequest { ttl: 5, id: 9 }).encode();
+        let revoke = Command::LeaseRevoke(pb::LeaseRevokeRequest { id: 9 }).encode();
+        let cmds = [
+            put("x", 9),
+            grant.clone(),
+            put("b", 9),
+            put("a", 9),
+            grant,
+            put("c", 0),
+        ];
+        let batch: Vec<Committed<'_>> = cmds
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Committed {
+                index: i as u64 + 1,
+                term: 1,
+                data: d,
+            })
+            .collect();
+        let out = m.apply(&batch).unwrap();
+        assert!(matches!(&out[0], Err(ApiError::LeaseNotFound)));
+        assert!(matches!(
+            &out[1],
+            Ok(Applied::LeaseGrant { id: 9, ttl: 5, .. })
+        ));
+        assert!(matches!(&out[4], Err(ApiError::LeaseExist)));
+        assert_eq!(store.lease_keys(9), vec![b"a".to_vec(), b"b".to_vec()]);
+        let out = m
+            .apply(&[
+                Committed {
+                    index: 7,
+                    term: 1,
+                    data: &revoke,
+                },
+                Committed {
+                    index: 8,
+                    term: 1,
+                    data: &revoke,
+                },
+            ])
+            .unwrap();
+        // "b", "a", "c" made revisions 2..4; the revoke is revision 5.
+        assert!(matches!(&out[0], Ok(Applied::LeaseRevoke(5))));
+        assert!(matches!(&out[1], Err(ApiError::LeaseNotFound)));
+        assert!(leases.ids().is_empty());
+        let left = store
+            .range(&mvcc::RangeRequest {
+                range: mvcc::KeyRange::new("a", "z"),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(left.kvs.len(), 1, "only the key without a lease is left");
+        assert_eq!(left.kvs[0].key, b"c");
     }
 }

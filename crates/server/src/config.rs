@@ -74,6 +74,10 @@ pub struct Args {
     /// a Go duration (`10m`, `5s`, `500ms`). etcd 3.4's name has `experimental-`.
     #[arg(long, alias = "experimental-watch-progress-notify-interval")]
     pub watch_progress_notify_interval: Option<String>,
+    /// How often the leader records the remaining TTL of leases in the log, as a Go
+    /// duration: a dead client's lease outlives a leader change by at most about this.
+    #[arg(long, alias = "experimental-lease-checkpoint-interval")]
+    pub lease_checkpoint_interval: Option<String>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -134,6 +138,16 @@ pub struct Config {
     pub quota_backend_bytes: i64,
     pub log_level: String,
     pub watch_progress_notify_interval: String,
+    pub lease_checkpoint_interval: String,
+}
+
+/// A duration flag's value, which must be a positive Go duration.
+fn positive_duration(flag: &str, v: &str) -> Result<std::time::Duration, ConfigError> {
+    parse_go_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "invalid value {v:?} for --{flag}: use a positive duration such as 10m, 30s or 500ms"
+        ))
+    })
 }
 
 /// A configuration that cannot be used; the text says which setting and why.
@@ -163,7 +177,8 @@ impl Config {
             .set_default("snapshot_catchup_entries", 5_000)?
             .set_default("quota_backend_bytes", 2i64 * 1024 * 1024 * 1024)?
             .set_default("log_level", "info")?
-            .set_default("watch_progress_notify_interval", "10m")?;
+            .set_default("watch_progress_notify_interval", "10m")?
+            .set_default("lease_checkpoint_interval", "1s")?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -190,7 +205,8 @@ impl Config {
             .set_override_option(
                 "watch_progress_notify_interval",
                 a.watch_progress_notify_interval,
-            )?;
+            )?
+            .set_override_option("lease_checkpoint_interval", a.lease_checkpoint_interval)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -204,20 +220,21 @@ impl Config {
 
     /// `--watch-progress-notify-interval` as a duration.
     pub fn watch_progress_interval(&self) -> Result<std::time::Duration, ConfigError> {
-        parse_go_duration(&self.watch_progress_notify_interval)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "invalid value {:?} for --watch-progress-notify-interval: use a positive \
-                     duration such as 10m, 30s or 500ms",
-                    self.watch_progress_notify_interval
-                ))
-            })
+        positive_duration(
+            "watch-progress-notify-interval",
+            &self.watch_progress_notify_interval,
+        )
+    }
+
+    /// `--lease-checkpoint-interval` as a duration.
+    pub fn lease_checkpoint_interval(&self) -> Result<std::time::Duration, ConfigError> {
+        positive_duration("lease-checkpoint-interval", &self.lease_checkpoint_interval)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         self.watch_progress_interval()?;
+        self.lease_checkpoint_interval()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",

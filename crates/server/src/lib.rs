@@ -6,8 +6,16 @@
 //! on [`node::Node`].
 //!
 //! Owns: configuration and etcd's flags, member identity (cluster and member ids, the
-//! term), the command path from a request to a durable store write, and composing the
-//! crates into a process.
+//! term), the command path from a request to a durable store write, leases, and
+//! composing the crates into a process.
+//!
+//! Leases ([`lease`]): granted, revoked and checkpointed through the log; only the
+//! leader runs their clocks. The leader records each lease's remaining TTL in the log
+//! about every second (`--lease-checkpoint-interval`) once it has run down, and restores
+//! the full TTL in the log before answering a keep-alive that needs it. So a new leader
+//! continues each lease from its recorded remaining TTL: a dead client's lease outlives
+//! a leader change by about one interval at most (etcd restarts it at the full TTL), and
+//! a lease with an answered keep-alive never expires early because leadership moved.
 //!
 //! Not: the wire protocol or its checks (`concord-gateway`), revision semantics
 //! (`concord-mvcc`). This crate adds policy, not mechanism.
@@ -15,5 +23,7 @@
 pub mod apply;
 pub mod config;
 pub mod convert;
+pub mod lease;
+mod lease_node;
 pub mod node;
 pub mod watch;

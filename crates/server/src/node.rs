@@ -14,10 +14,13 @@ use concord_gateway::{
 };
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
+use tokio::sync::mpsc;
 
 use crate::apply::{Applied, Command, KvMachine, Output};
 use crate::config::{Config, split_urls};
 use crate::convert;
+use crate::lease::Lessor;
+use crate::lease_node::{self, LeaseForward, RestoreRequest};
 
 const META_MEMBER_ID: &str = "member_id";
 const META_CLUSTER_ID: &str = "cluster_id";
@@ -109,15 +112,23 @@ pub fn raft_error(e: consensus::Error) -> ApiError {
 
 /// The member, as served to clients.
 pub struct Node {
-    store: Arc<mvcc::Store>,
+    pub(crate) store: Arc<mvcc::Store>,
     hub: Arc<concord_watch::Hub>,
     election_timeout: Duration,
-    raft: consensus::Handle<Output>,
+    pub(crate) raft: consensus::Handle<Output>,
     identity: Identity,
     /// Client URLs of other members fill in as they answer `Peer/Attributes`.
-    members: std::sync::Mutex<Vec<pb::Member>>,
+    pub(crate) members: std::sync::Mutex<Vec<pb::Member>>,
     client_urls: Vec<String>,
     quota: i64,
+    pub(crate) lessor: Arc<Lessor>,
+    /// etcd's minimum lease TTL for this member's election timeout.
+    pub(crate) min_ttl: i64,
+    /// Keep-alives that need the full TTL restored in the log before they are answered.
+    pub(crate) restores: mpsc::Sender<RestoreRequest>,
+    /// A client of the leader's Lease service, for calls only the leader can answer.
+    pub(crate) lease_forward: LeaseForward,
+    pub(crate) request_timeout: Duration,
 }
 
 /// A running member: what serves clients, and what the binary stops on shutdown.
@@ -205,8 +216,12 @@ impl Node {
                 ..concord_watch::HubOptions::default()
             },
         ));
-        let machine = KvMachine::new(store.clone(), Arc::new(mvcc::NoLeases), hub.clone());
+        let lessor = Arc::new(Lessor::open(&store).map_err(anyhow::Error::msg)?);
+        let min_ttl = crate::lease::min_ttl(rcfg.election_ticks as u64, tick.as_millis() as u64);
+        let request_timeout = rcfg.request_timeout;
+        let machine = KvMachine::new(store.clone(), lessor.clone(), hub.clone());
         let raft = consensus::start(rcfg, machine, transport)?;
+        let (restores, restore_rx) = mpsc::channel(4096);
         let client_urls = split_urls(&cfg.advertise_client_urls);
         let members = members
             .into_iter()
@@ -231,7 +246,13 @@ impl Node {
             members: std::sync::Mutex::new(members),
             client_urls,
             quota: cfg.quota_backend_bytes,
+            lessor,
+            min_ttl,
+            restores,
+            lease_forward: LeaseForward::default(),
+            request_timeout,
         });
+        lease_node::spawn(&node, restore_rx, cfg.lease_checkpoint_interval()?);
         for (id, url) in peer_list {
             tokio::spawn(learn_client_urls(Arc::downgrade(&node), id, url, local_ip));
         }
@@ -257,7 +278,7 @@ impl Node {
         self.raft.stopped().await
     }
 
-    fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
+    pub(crate) fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
@@ -271,17 +292,13 @@ impl Node {
         self.header(h.map_or(0, |h| h.revision))
     }
 
-    async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
-        self.raft
-            .propose(&cmd.encode())
-            .await
-            .map_err(raft_error)?
-            .map_err(convert::api_error)
+    pub(crate) async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
+        self.raft.propose(&cmd.encode()).await.map_err(raft_error)?
     }
 
     /// Waits until this member has applied everything committed before the call
     /// (ReadIndex), so a read after it is linearizable.
-    async fn linearize(&self) -> ApiResult<()> {
+    pub(crate) async fn linearize(&self) -> ApiResult<()> {
         self.raft.read_index().await.map(|_| ()).map_err(raft_error)
     }
 
@@ -341,7 +358,7 @@ fn txn_is_serializable(t: &pb::TxnRequest) -> bool {
     all && any
 }
 
-fn unexpected(what: &Applied) -> ApiError {
+pub(crate) fn unexpected(what: &Applied) -> ApiError {
     ApiError::Internal(format!("etcdserver: unexpected apply result {what:?}"))
 }
 
