@@ -77,7 +77,7 @@ async fn status_alarms_members_and_health() {
 async fn rpcs_not_offered_yet_answer_unimplemented_not_hang() {
     let s = Concord::start().await.unwrap();
     let mut c = s.client().await.unwrap();
-    let e = c.lease_grant(10, None).await.unwrap_err();
+    let e = c.auth_enable().await.unwrap_err();
     let etcd_client::Error::GRpcStatus(st) = e else {
         panic!("{e:?}")
     };
