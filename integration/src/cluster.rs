@@ -347,7 +347,7 @@ impl Cluster {
     pub async fn leader(&self) -> Result<usize> {
         let found = Mutex::new(None);
         wait_until(READY_DEADLINE, "a leader agreed by a majority", || async {
-            let idx = self.leader_once().await?;
+            let idx = self.leader_once(None).await?;
             *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(idx);
             Ok(())
         })
@@ -356,10 +356,31 @@ impl Cluster {
         idx.context("leader not recorded")
     }
 
-    async fn leader_once(&self) -> Result<usize> {
+    /// Makes leadership move: SIGSTOPs the leader until a majority agrees on another
+    /// member (which confirms), then lets the old one go on; it rejoins as a follower.
+    /// Returns the old and the new leader's indexes.
+    pub async fn change_leader(&self) -> Result<(usize, usize)> {
+        let old = self.leader().await?;
+        self.pause(old)?;
+        let found = Mutex::new(None);
+        let waited = wait_until(READY_DEADLINE, "a new leader", || async {
+            let idx = self.leader_once(Some(old)).await?;
+            ensure!(idx != old, "n{} still leads", old + 1);
+            *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(idx);
+            Ok(())
+        })
+        .await;
+        self.resume(old)?;
+        waited?;
+        let new = found.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok((old, new.context("new leader not recorded")?))
+    }
+
+    /// One round of [`Cluster::leader`]'s probes, leaving out member `skip`.
+    async fn leader_once(&self, skip: Option<usize>) -> Result<usize> {
         let mut probes = tokio::task::JoinSet::new();
         for (i, m) in self.members.iter().enumerate() {
-            if m.pid().is_none() {
+            if m.pid().is_none() || skip == Some(i) {
                 continue;
             }
             let endpoint = m.endpoint();

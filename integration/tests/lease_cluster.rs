@@ -71,61 +71,6 @@ fn watch_delete(
     })
 }
 
-/// Makes the leader change: SIGSTOPs the current leader until the others have elected
-/// another, then lets it go on (it rejoins as a follower). Returns the new leader.
-async fn change_leader(c: &Cluster) {
-    let old = c.leader().await.expect("a leader");
-    let old_id = member_id(&c.endpoint(old))
-        .await
-        .expect("the leader answers");
-    c.pause(old).unwrap();
-    // The other two agree on a leader that is not the paused one.
-    let others: Vec<String> = (0..3)
-        .filter(|&i| i != old)
-        .map(|i| c.endpoint(i))
-        .collect();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let mut seen = Vec::new();
-        for e in &others {
-            seen.push(leader_seen_by(e).await);
-        }
-        if let [Some(a), Some(b)] = seen[..]
-            && a == b
-            && a != old_id
-            && a != 0
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader while n{} was paused",
-            old + 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    c.resume(old).unwrap();
-}
-
-async fn status(endpoint: &str) -> Option<etcd_client::StatusResponse> {
-    let probe = async {
-        let mut cl = connect(endpoint).await.ok()?;
-        cl.status().await.ok()
-    };
-    tokio::time::timeout(Duration::from_millis(500), probe)
-        .await
-        .ok()
-        .flatten()
-}
-
-async fn member_id(endpoint: &str) -> Option<u64> {
-    Some(status(endpoint).await?.header()?.member_id())
-}
-
-async fn leader_seen_by(endpoint: &str) -> Option<u64> {
-    Some(status(endpoint).await?.leader())
-}
-
 #[tokio::test]
 async fn an_unrenewed_lease_expires_on_time_across_three_leader_changes() {
     let c = start().await;
@@ -141,7 +86,7 @@ async fn an_unrenewed_lease_expires_on_time_across_three_leader_changes() {
     let mut last_change = granted;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        change_leader(&c).await;
+        c.change_leader().await.expect("leadership moves");
         last_change = Instant::now();
     }
     let at = tokio::time::timeout(DEADLINE, deleted)
