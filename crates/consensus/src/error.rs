@@ -14,6 +14,9 @@ pub enum Error {
     /// may still be applied later.
     #[error("request timed out")]
     Timeout,
+    /// A membership change was proposed while another is not yet applied.
+    #[error("a membership change is already in progress")]
+    ChangeInProgress,
     /// The node has stopped (shut down, or a fatal storage error).
     #[error("node stopped")]
     Stopped,

@@ -46,7 +46,7 @@ const SHORT_STREAM: Duration = Duration::from_secs(1);
 
 /// Sends Raft messages to peers over gRPC.
 pub struct GrpcTransport {
-    peers: HashMap<u64, String>,
+    peers: Mutex<HashMap<u64, String>>,
     local_ip: Option<IpAddr>,
     runtime: tokio::runtime::Handle,
     queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
@@ -72,12 +72,54 @@ impl GrpcTransport {
         runtime: tokio::runtime::Handle,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
-            peers,
+            peers: Mutex::new(peers),
             local_ip,
             runtime,
             queues: Mutex::new(HashMap::new()),
             inbox: OnceLock::new(),
         })
+    }
+
+    /// Adds a peer, or changes where it is reached (membership changes).
+    pub fn set_peer(&self, id: u64, url: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if peers.get(&id).map(String::as_str) == Some(url) {
+            return;
+        }
+        peers.insert(id, url.to_string());
+        drop(peers);
+        if let Some(inbox) = self.inbox.get() {
+            self.start_peer(id, url, inbox);
+        }
+    }
+
+    /// Stops sending to a peer (it was removed).
+    pub fn remove_peer(&self, id: u64) {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        // Dropping the queue ends the peer's task.
+        self.queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    fn start_peer(&self, id: u64, url: &str, inbox: &Inbox) {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        self.queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        match self.endpoint(url) {
+            Ok(ep) => {
+                self.runtime.spawn(peer_loop(id, ep, rx, inbox.clone()));
+            }
+            Err(e) => {
+                tracing::error!(peer = format!("{id:x}"), url, error = %e, "bad peer URL")
+            }
+        }
     }
 
     fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -93,18 +135,13 @@ impl GrpcTransport {
 
 impl Transport for GrpcTransport {
     fn attach(&self, inbox: Inbox) {
-        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        for (&id, url) in &self.peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            queues.insert(id, tx);
-            match self.endpoint(url) {
-                Ok(ep) => {
-                    self.runtime.spawn(peer_loop(id, ep, rx, inbox.clone()));
-                }
-                Err(e) => {
-                    tracing::error!(peer = format!("{id:x}"), url, error = %e, "bad peer URL")
-                }
-            }
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (id, url) in &peers {
+            self.start_peer(*id, url, &inbox);
         }
         let _ = self.inbox.set(inbox);
     }
@@ -132,7 +169,13 @@ impl Transport for GrpcTransport {
             return;
         };
         let to = msg.to;
-        let Some(ep) = self.peers.get(&to).and_then(|u| self.endpoint(u).ok()) else {
+        let url = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&to)
+            .cloned();
+        let Some(ep) = url.and_then(|u| self.endpoint(&u).ok()) else {
             inbox.snapshot_status(to, false);
             return;
         };
@@ -279,16 +322,27 @@ pub async fn fetch_attributes(url: &str, local_ip: Option<IpAddr>) -> Result<Vec
     Ok(reply.into_inner().attributes)
 }
 
+/// What a member publishes to peers that ask, made afresh for each question.
+pub type Attributes = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 /// The `Peer` service: delivers what peers send into this node's inbox.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerService {
     inbox: Inbox,
-    attributes: Vec<u8>,
+    attributes: Attributes,
 }
 
-/// The `Peer` gRPC service for a node, ready to add to a tonic server. `attributes` are
-/// what the member publishes about itself to peers that ask.
-pub fn peer_service(inbox: Inbox, attributes: Vec<u8>) -> PeerServer<PeerService> {
+impl std::fmt::Debug for PeerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerService")
+            .field("inbox", &self.inbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `Peer` gRPC service for a node, ready to add to a tonic server. `attributes`
+/// says what the member publishes about itself to peers that ask.
+pub fn peer_service(inbox: Inbox, attributes: Attributes) -> PeerServer<PeerService> {
     PeerServer::new(PeerService { inbox, attributes })
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE)
@@ -298,7 +352,7 @@ pub fn peer_service(inbox: Inbox, attributes: Vec<u8>) -> PeerServer<PeerService
 impl Peer for PeerService {
     async fn attributes(&self, _req: Request<Done>) -> Result<Response<AttributesReply>, Status> {
         Ok(Response::new(AttributesReply {
-            attributes: self.attributes.clone(),
+            attributes: (self.attributes)(),
         }))
     }
 

@@ -10,8 +10,13 @@
 //! and sending and installing snapshots in chunks; the peer [`Transport`] (gRPC in
 //! [`grpc`], in-process with fault filters in [`local`]); pre-vote and check-quorum.
 //!
+//! Membership: one voter or learner added, promoted or removed at a time
+//! ([`Handle::propose_change`]); Raft takes the change when it is committed, the state
+//! machine records it ([`StateMachine::apply_change`]), and on restart the changes the
+//! state machine has applied are replayed from the log into Raft's configuration.
+//!
 //! Not: what the commands mean (the state machine's business), client-facing errors
-//! (callers map [`Error`]), or membership changes (static membership for now).
+//! (callers map [`Error`]), or where members are reached (the transport's business).
 //!
 //! Key types: [`start`] → [`Node`] with a [`Handle`] (propose, read_index, status),
 //! [`StateMachine`], [`Config`], [`Transport`] and [`Inbox`]. raft-rs's types do not
@@ -22,6 +27,7 @@ pub mod grpc;
 pub mod local;
 mod log;
 mod logger;
+mod membership;
 mod node;
 mod transport;
 
@@ -31,5 +37,6 @@ pub(crate) mod peerpb {
 }
 
 pub use error::{Error, Result};
+pub use membership::{ChangeKind, Configuration, MemberChange};
 pub use node::{Committed, Config, Handle, Node, Role, StateMachine, Status, start};
 pub use transport::{Inbox, Transport};

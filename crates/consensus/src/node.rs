@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::log::LogStore;
+use crate::membership::{self, Configuration, MemberChange};
 use crate::transport::{Inbox, Transport};
 
 /// Messages into the raft thread. Bounded; proposals wait for room, network input is
@@ -49,8 +50,10 @@ const SNAPSHOTS_KEPT: usize = 2;
 pub struct Config {
     /// This node's id (non-zero).
     pub id: u64,
-    /// Voters of the initial configuration (including `id`), used when the log is new.
+    /// Voters of the initial configuration, used when the log is new.
     pub peers: Vec<u64>,
+    /// Learners of the initial configuration (a member joining as a learner is one).
+    pub learners: Vec<u64>,
     /// Where the WAL (`wal/`) and snapshot files (`snap/`) live.
     pub dir: PathBuf,
     /// One Raft tick (the heartbeat interval).
@@ -79,6 +82,7 @@ impl Config {
         Config {
             id,
             peers,
+            learners: Vec::new(),
             dir,
             tick: Duration::from_millis(100),
             election_ticks: 10,
@@ -126,6 +130,22 @@ pub trait StateMachine: Send + 'static {
         index: u64,
         term: u64,
     ) -> std::result::Result<(), String>;
+
+    /// Applies a committed membership change at `index`, durably with the index like
+    /// [`StateMachine::apply`]; `config` is Raft's configuration after it. Raft has
+    /// already applied it. The output goes to its proposer. The default refuses (the
+    /// node stops): a state machine that can meet changes must implement this.
+    fn apply_change(
+        &mut self,
+        index: u64,
+        change: &MemberChange,
+        config: &Configuration,
+    ) -> std::result::Result<Self::Output, String> {
+        let _ = (change, config);
+        Err(format!(
+            "membership change at index {index}: not supported by this state machine"
+        ))
+    }
 }
 
 /// A node's role in its Raft group.
@@ -164,6 +184,7 @@ pub struct Status {
 
 pub(crate) enum NodeMsg {
     Propose { id: u64, data: Vec<u8> },
+    ProposeChange { id: u64, change: MemberChange },
     Read(oneshot::Sender<Result<u64>>),
     Step(Message),
     Unreachable(u64),
@@ -180,6 +201,8 @@ struct Shared<O> {
     id: u64,
     waiters: Waiters<O>,
     status: Mutex<Status>,
+    /// On the leader: each member's matched index.
+    progress: Mutex<Vec<(u64, u64)>>,
     applied: watch::Sender<u64>,
     stopped: watch::Sender<bool>,
 }
@@ -250,6 +273,37 @@ impl<O: Send + 'static> Handle<O> {
     /// applied it. A follower's proposal is forwarded to the leader by Raft.
     /// [`Error::Timeout`] means the outcome is unknown: it may still be applied.
     pub async fn propose(&self, payload: &[u8]) -> Result<O> {
+        let mut data = Vec::with_capacity(8 + payload.len());
+        data.extend_from_slice(&[0; 8]);
+        data.extend_from_slice(payload);
+        self.submit(|id| {
+            data[..8].copy_from_slice(&id.to_be_bytes());
+            NodeMsg::Propose { id, data }
+        })
+        .await
+    }
+
+    /// Proposes a membership change; returns the state machine's output once this
+    /// member has applied it. raft-rs refuses a change while another is not yet
+    /// applied ([`Error::ChangeInProgress`]).
+    pub async fn propose_change(&self, change: MemberChange) -> Result<O> {
+        self.submit(|id| NodeMsg::ProposeChange { id, change })
+            .await
+    }
+
+    /// Each member's matched log index as the leader sees it (empty elsewhere), and
+    /// the leader's last index.
+    pub fn progress(&self) -> (Vec<(u64, u64)>, u64) {
+        let p = self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (p, self.shared.status().last_index)
+    }
+
+    async fn submit(&self, msg: impl FnOnce(u64) -> NodeMsg) -> Result<O> {
         self.check_serving()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -262,14 +316,9 @@ impl<O: Send + 'static> Handle<O> {
             shared: &self.shared,
             id,
         };
-        let mut data = Vec::with_capacity(8 + payload.len());
-        data.extend_from_slice(&id.to_be_bytes());
-        data.extend_from_slice(payload);
+        let msg = msg(id);
         let wait = async {
-            self.tx
-                .send(NodeMsg::Propose { id, data })
-                .await
-                .map_err(|_| Error::Stopped)?;
+            self.tx.send(msg).await.map_err(|_| Error::Stopped)?;
             rx.await.map_err(|_| Error::Stopped)?
         };
         tokio::time::timeout(self.timeout, wait)
@@ -401,9 +450,9 @@ pub fn start<S: StateMachine>(
     mut sm: S,
     transport: Arc<dyn Transport>,
 ) -> Result<Node<S::Output>> {
-    if cfg.id == 0 || !cfg.peers.contains(&cfg.id) {
+    if cfg.id == 0 || !(cfg.peers.contains(&cfg.id) || cfg.learners.contains(&cfg.id)) {
         return Err(Error::Config(format!(
-            "node id {:x} must be non-zero and one of the initial peers",
+            "node id {:x} must be non-zero and one of the initial voters or learners",
             cfg.id
         )));
     }
@@ -450,10 +499,10 @@ pub fn start<S: StateMachine>(
         applied = mark.index;
         applied_term = mark.term;
     }
-    let conf_state = match &rec.snapshot {
+    let mut conf_state = match &rec.snapshot {
         Some(m) if !m.meta.is_empty() => ConfState::parse_from_bytes(&m.meta)
             .map_err(|e| Error::Raft(format!("conf state in the WAL: {e}")))?,
-        _ => ConfState::from((cfg.peers.clone(), Vec::<u64>::new())),
+        _ => ConfState::from((cfg.peers.clone(), cfg.learners.clone())),
     };
     let mut entries = Vec::with_capacity(rec.entries.len());
     for e in &rec.entries {
@@ -461,6 +510,15 @@ pub fn start<S: StateMachine>(
             Entry::parse_from_bytes(&e.data)
                 .map_err(|err| Error::Raft(format!("WAL entry {}: {err}", e.index)))?,
         );
+    }
+    // Raft re-delivers only what the state machine has not applied: the membership
+    // changes it has applied are replayed here, so Raft starts with the configuration
+    // that goes with the applied index.
+    for e in entries.iter().filter(|e| e.index <= applied) {
+        if e.get_entry_type() == EntryType::EntryConfChange {
+            let (cc, _, _) = membership::from_entry(&e.data)?;
+            membership::apply_simple(&mut conf_state, &cc);
+        }
     }
     let compacted = rec.snapshot.as_ref().map_or((0, 0), |m| (m.index, m.term));
     let last = entries.last().map_or(compacted.0, |e| e.index);
@@ -514,6 +572,7 @@ pub fn start<S: StateMachine>(
             id: cfg.id,
             ..Default::default()
         }),
+        progress: Mutex::new(Vec::new()),
         applied: watch::Sender::new(applied),
         stopped: watch::Sender::new(false),
     });
@@ -608,7 +667,8 @@ impl Reads {
 }
 
 enum ApplyTask {
-    Entries(Vec<Entry>),
+    /// Committed entries, with Raft's configuration after each membership change.
+    Entries(Vec<Entry>, HashMap<u64, ConfState>),
     Restore(Arc<SnapshotFile>),
 }
 
@@ -709,6 +769,20 @@ impl<O: Send + 'static> Driver<O> {
                         Error::NoLeader
                     } else {
                         // Leadership is being transferred.
+                        Error::LeaderChanged
+                    };
+                    self.shared.complete(id, Err(err));
+                }
+            }
+            NodeMsg::ProposeChange { id, change } => {
+                let cc = membership::to_raft(&change, id);
+                if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+                    tracing::info!(error = %e, "membership change refused");
+                    let err = if self.raw.raft.leader_id == 0 {
+                        Error::NoLeader
+                    } else if self.raw.raft.has_pending_conf() {
+                        Error::ChangeInProgress
+                    } else {
                         Error::LeaderChanged
                     };
                     self.shared.complete(id, Err(err));
@@ -839,8 +913,26 @@ impl<O: Send + 'static> Driver<O> {
         if entries.is_empty() {
             return Ok(());
         }
+        // Raft takes a membership change when it is handed to the apply thread (as
+        // raft-rs's own examples do); the state machine records it in order.
+        let mut confs = HashMap::new();
+        for e in &entries {
+            if e.get_entry_type() == EntryType::EntryConfChange {
+                let (cc, change, _) = membership::from_entry(&e.data)?;
+                let cs = match self.raw.apply_conf_change(&cc) {
+                    Ok(cs) => cs,
+                    Err(err) => {
+                        tracing::warn!(error = %err, ?change, "membership change not taken");
+                        self.raw.raft.prs().conf().to_conf_state()
+                    }
+                };
+                tracing::info!(index = e.index, ?change, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                self.raw.mut_store().conf_state = cs.clone();
+                confs.insert(e.index, cs);
+            }
+        }
         self.apply_tx
-            .send(ApplyTask::Entries(entries))
+            .send(ApplyTask::Entries(entries, confs))
             .await
             .map_err(|_| Error::Stopped)
     }
@@ -941,6 +1033,16 @@ impl<O: Send + 'static> Driver<O> {
             .status
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = status;
+        let progress = if r.state == StateRole::Leader {
+            r.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+        } else {
+            Vec::new()
+        };
+        *self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = progress;
         if leader != self.leader {
             tracing::info!(
                 member_id = self.cfg.id,
@@ -973,7 +1075,7 @@ impl<S: StateMachine> Applier<S> {
     fn run(mut self, mut rx: mpsc::Receiver<ApplyTask>) {
         while let Some(task) = rx.blocking_recv() {
             let r = match task {
-                ApplyTask::Entries(ents) => self.apply(ents),
+                ApplyTask::Entries(ents, confs) => self.apply(ents, confs),
                 ApplyTask::Restore(file) => self.restore(&file),
             };
             if let Err(e) = r {
@@ -987,7 +1089,7 @@ impl<S: StateMachine> Applier<S> {
         }
     }
 
-    fn apply(&mut self, ents: Vec<Entry>) -> Result<()> {
+    fn apply(&mut self, ents: Vec<Entry>, confs: HashMap<u64, ConfState>) -> Result<()> {
         let mut cmds = Vec::with_capacity(ents.len());
         let mut ids = Vec::with_capacity(ents.len());
         for e in &ents {
@@ -1006,21 +1108,29 @@ impl<S: StateMachine> Applier<S> {
                 }
                 // A new leader's empty entry.
                 EntryType::EntryNormal => {}
-                other => {
-                    tracing::warn!(
-                        index = e.index,
-                        ?other,
-                        "membership change entries are not applied by this version"
-                    );
+                EntryType::EntryConfChange => {
+                    // Commands before it are applied first, in order.
+                    self.apply_commands(&mut cmds, &mut ids)?;
+                    let (_, change, proposal) = membership::from_entry(&e.data)?;
+                    let cs = confs.get(&e.index).cloned().unwrap_or_default();
+                    let out = self
+                        .sm
+                        .apply_change(e.index, &change, &Configuration::from(&cs))
+                        .map_err(Error::StateMachine)?;
+                    self.conf_bytes = cs
+                        .write_to_bytes()
+                        .map_err(|err| Error::Raft(err.to_string()))?;
+                    self.shared.complete(proposal, Ok(out));
+                }
+                EntryType::EntryConfChangeV2 => {
+                    return Err(Error::Raft(format!(
+                        "entry {}: joint membership changes are not used by Concord",
+                        e.index
+                    )));
                 }
             }
         }
-        if !cmds.is_empty() {
-            let outputs = self.sm.apply(&cmds).map_err(Error::StateMachine)?;
-            for (id, out) in ids.into_iter().zip(outputs) {
-                self.shared.complete(id, Ok(out));
-            }
-        }
+        self.apply_commands(&mut cmds, &mut ids)?;
         if let Some(last) = ents.last()
             && last.index > self.applied
         {
@@ -1029,6 +1139,18 @@ impl<S: StateMachine> Applier<S> {
             self.shared.applied.send_replace(self.applied);
         }
         self.maybe_snapshot();
+        Ok(())
+    }
+
+    fn apply_commands(&mut self, cmds: &mut Vec<Committed<'_>>, ids: &mut Vec<u64>) -> Result<()> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let outputs = self.sm.apply(cmds).map_err(Error::StateMachine)?;
+        for (id, out) in ids.drain(..).zip(outputs) {
+            self.shared.complete(id, Ok(out));
+        }
+        cmds.clear();
         Ok(())
     }
 

@@ -1,0 +1,152 @@
+//! Membership changes: one voter or learner added, promoted or removed at a time
+//! (raft-rs "simple" changes, which need no joint configuration because at most one
+//! voter changes). The proposer's context bytes travel with the change; the state
+//! machine gets them back when the change is applied, with the configuration after it.
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState};
+
+use crate::error::{Error, Result};
+
+/// What a change does to its member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Adds a voter, or promotes a learner to voter.
+    AddVoter,
+    /// Adds a learner (receives the log, does not vote).
+    AddLearner,
+    /// Removes a voter or learner.
+    Remove,
+}
+
+/// A membership change as proposed and as applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberChange {
+    pub kind: ChangeKind,
+    pub id: u64,
+    /// The proposer's bytes (for Concord: the member's name and URLs).
+    pub context: Vec<u8>,
+}
+
+/// The voting configuration after a change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Configuration {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+impl From<&ConfState> for Configuration {
+    fn from(cs: &ConfState) -> Self {
+        Configuration {
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+        }
+    }
+}
+
+/// The raft-rs change carrying `c`, with the proposal id in front of the context.
+pub(crate) fn to_raft(c: &MemberChange, proposal: u64) -> ConfChange {
+    let mut cc = ConfChange::default();
+    cc.set_change_type(match c.kind {
+        ChangeKind::AddVoter => ConfChangeType::AddNode,
+        ChangeKind::AddLearner => ConfChangeType::AddLearnerNode,
+        ChangeKind::Remove => ConfChangeType::RemoveNode,
+    });
+    cc.node_id = c.id;
+    let mut ctx = proposal.to_be_bytes().to_vec();
+    ctx.extend_from_slice(&c.context);
+    cc.context = ctx.into();
+    cc
+}
+
+/// Decodes a committed change entry: the change and the proposal id.
+pub(crate) fn from_entry(data: &[u8]) -> Result<(ConfChange, MemberChange, u64)> {
+    let cc = ConfChange::parse_from_bytes(data)
+        .map_err(|e| Error::Raft(format!("membership change entry: {e}")))?;
+    let kind = match cc.get_change_type() {
+        ConfChangeType::AddNode => ChangeKind::AddVoter,
+        ConfChangeType::AddLearnerNode => ChangeKind::AddLearner,
+        ConfChangeType::RemoveNode => ChangeKind::Remove,
+    };
+    let (id, context) = if cc.context.len() >= 8 {
+        let (id, rest) = cc.context.split_at(8);
+        (
+            u64::from_be_bytes(id.try_into().expect("8 bytes")),
+            rest.to_vec(),
+        )
+    } else {
+        (0, cc.context.to_vec())
+    };
+    let change = MemberChange {
+        kind,
+        id: cc.node_id,
+        context,
+    };
+    Ok((cc, change, id))
+}
+
+/// `cs` after the simple change `cc`, computed as raft-rs's changer does (used on
+/// restart to replay the changes the state machine has already applied).
+pub(crate) fn apply_simple(cs: &mut ConfState, cc: &ConfChange) {
+    let id = cc.node_id;
+    if id == 0 {
+        return;
+    }
+    cs.voters.retain(|&v| v != id);
+    cs.learners.retain(|&l| l != id);
+    match cc.get_change_type() {
+        ConfChangeType::AddNode => cs.voters.push(id),
+        ConfChangeType::AddLearnerNode => cs.learners.push(id),
+        ConfChangeType::RemoveNode => {}
+    }
+    cs.voters.sort_unstable();
+    cs.learners.sort_unstable();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_and_replay_like_raft() {
+        let c = MemberChange {
+            kind: ChangeKind::AddLearner,
+            id: 9,
+            context: b"ctx".to_vec(),
+        };
+        let cc = to_raft(&c, 77);
+        let (back, change, id) = from_entry(&cc.write_to_bytes().unwrap()).unwrap();
+        assert_eq!((change, id), (c, 77));
+        let mut cs = ConfState::from((vec![1, 2, 3], vec![]));
+        apply_simple(&mut cs, &back);
+        assert_eq!(
+            (cs.voters.clone(), cs.learners.clone()),
+            (vec![1, 2, 3], vec![9])
+        );
+        let promote = to_raft(
+            &MemberChange {
+                kind: ChangeKind::AddVoter,
+                id: 9,
+                context: Vec::new(),
+            },
+            1,
+        );
+        apply_simple(&mut cs, &promote);
+        // Applying it twice changes nothing more (replays are idempotent).
+        apply_simple(&mut cs, &promote);
+        assert_eq!(
+            (cs.voters.clone(), cs.learners.clone()),
+            (vec![1, 2, 3, 9], vec![])
+        );
+        let remove = to_raft(
+            &MemberChange {
+                kind: ChangeKind::Remove,
+                id: 2,
+                context: Vec::new(),
+            },
+            2,
+        );
+        apply_simple(&mut cs, &remove);
+        assert_eq!(cs.voters, vec![1, 3, 9]);
+    }
+}
