@@ -3,7 +3,7 @@
 //! store's contents with such an image.
 //!
 //! The image is a logical dump of the `kv` column family (every revision record, as
-//! stored), the lease records, and the compaction marks, read through a RocksDB snapshot so writes that
+//! stored), the lease records, the replicated state values, and the compaction marks, read through a RocksDB snapshot so writes that
 //! continue after the export started are not in it. Caller metadata (`user/` keys such
 //! as the member's own identity) is neither exported nor replaced: it belongs to the
 //! member, not to the replicated state. Integrity of the bytes in transit or on disk is
@@ -28,6 +28,7 @@ const MAGIC: &[u8; 16] = b"concord-mvcc-v2\n";
 const MAGIC_V1: &[u8; 16] = b"concord-mvcc-v1\n";
 const TAG_RECORD: u8 = 1;
 const TAG_LEASE: u8 = 2;
+const TAG_STATE: u8 = 3;
 const TAG_END: u8 = 0;
 /// Bytes handed from the export thread to the reader at a time.
 const CHUNK: usize = 256 * 1024;
@@ -119,6 +120,8 @@ impl Store {
                 let mut count: u64 = 0;
                 let mut lease_ro = ReadOptions::default();
                 lease_ro.set_snapshot(&snap);
+                let mut state_ro = ReadOptions::default();
+                state_ro.set_snapshot(&snap);
                 let records = shared
                     .db
                     .iterator_cf_opt(shared.kv(), ro, IteratorMode::Start)
@@ -127,7 +130,11 @@ impl Store {
                     .db
                     .iterator_cf_opt(shared.lease_cf(), lease_ro, IteratorMode::Start)
                     .map(|r| (TAG_LEASE, r));
-                for (tag, item) in records.chain(leases) {
+                let state = shared
+                    .db
+                    .iterator_cf_opt(shared.state_cf(), state_ro, IteratorMode::Start)
+                    .map(|r| (TAG_STATE, r));
+                for (tag, item) in records.chain(leases).chain(state) {
                     match item {
                         Ok((k, v)) => put_frame(&mut chunk, tag, &k, &v),
                         Err(e) => {
@@ -198,6 +205,14 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(shared.kv(), Vec::<u8>::new(), vec![0xffu8; 17]);
         batch.delete_range_cf(shared.lease_cf(), Vec::<u8>::new(), vec![0xffu8; 9]);
+        let names: Vec<Box<[u8]>> = shared
+            .db
+            .iterator_cf(shared.state_cf(), IteratorMode::Start)
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in names {
+            batch.delete_cf(shared.state_cf(), k);
+        }
         for k in [
             META_CONSISTENT_INDEX,
             META_COMPACT_SCHEDULED,
@@ -212,13 +227,13 @@ impl Store {
             let mut tag = [0u8; 1];
             read_exact(&mut r, &mut tag)?;
             match tag[0] {
-                tag @ (TAG_RECORD | TAG_LEASE) => {
+                tag @ (TAG_RECORD | TAG_LEASE | TAG_STATE) => {
                     let k = read_bytes(&mut r)?;
                     let v = read_bytes(&mut r)?;
-                    let cf = if tag == TAG_LEASE {
-                        shared.lease_cf()
-                    } else {
-                        shared.kv()
+                    let cf = match tag {
+                        TAG_LEASE => shared.lease_cf(),
+                        TAG_STATE => shared.state_cf(),
+                        _ => shared.kv(),
                     };
                     batch.put_cf(cf, k, v);
                     count += 1;
@@ -342,6 +357,7 @@ mod tests {
         let mut w = src.writer().unwrap();
         w.compact(10).unwrap();
         w.put_meta("identity", b"source");
+        w.put_state("members", b"abc");
         w.commit(Some(77)).unwrap();
         let mut export = src.export().unwrap();
         // Written after the point in time: must not be in the image.
@@ -353,6 +369,7 @@ mod tests {
         put(&dst, "stale", "gone");
         let mut w = dst.writer().unwrap();
         w.put_meta("identity", b"dest");
+        w.put_state("stale-state", b"gone");
         w.commit(None).unwrap();
         dst.import(&mut &image[..], 500).unwrap();
 
@@ -372,8 +389,10 @@ mod tests {
             }),
             Err(Error::Compacted)
         ));
-        // The member's own metadata is not replicated state.
+        // The member's own metadata is not replicated state; state values are.
         assert_eq!(dst.meta("identity").unwrap(), Some(b"dest".to_vec()));
+        assert_eq!(dst.state("members").unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(dst.state("stale-state").unwrap(), None);
         // Writes continue from the image's revision, and survive a reopen.
         put(&dst, "after", "y");
         assert_eq!(dst.current_revision(), 52);

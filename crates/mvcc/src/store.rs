@@ -27,6 +27,8 @@ pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_META: &str = "meta";
 /// Lease records, keyed by the lease id (big-endian); the values are the caller's.
 pub(crate) const CF_LEASE: &str = "lease";
+/// Replicated caller state (e.g. the member list), by name; in images, unlike `meta`.
+pub(crate) const CF_STATE: &str = "state";
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
@@ -117,6 +119,12 @@ impl Shared {
             .expect("meta column family exists")
     }
 
+    pub(crate) fn state_cf(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(CF_STATE)
+            .expect("state column family exists")
+    }
+
     pub(crate) fn lease_cf(&self) -> &ColumnFamily {
         self.db
             .cf_handle(CF_LEASE)
@@ -192,7 +200,8 @@ impl Store {
     /// resuming a compaction that was scheduled but not finished.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let opts = db_options();
-        let cfs = [CF_KV, CF_META, CF_LEASE].map(|n| ColumnFamilyDescriptor::new(n, db_options()));
+        let cfs = [CF_KV, CF_META, CF_LEASE, CF_STATE]
+            .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
         let shared = Arc::new(Shared {
             db,
@@ -271,6 +280,7 @@ impl Store {
             self.shared.kv(),
             self.shared.meta_cf(),
             self.shared.lease_cf(),
+            self.shared.state_cf(),
         ] {
             let mem = prop(cf, "rocksdb.cur-size-all-mem-tables");
             total += prop(cf, "rocksdb.total-sst-files-size") + mem;
@@ -386,6 +396,14 @@ impl Store {
         Ok(out)
     }
 
+    /// A replicated state value ([`Writer::put_state`]).
+    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .shared
+            .db
+            .get_cf(self.shared.state_cf(), name.as_bytes())?)
+    }
+
     /// The live keys attached to `lease`, sorted.
     pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
         self.shared.read_state().attached.keys(lease)
@@ -413,6 +431,7 @@ impl Store {
             changes: Vec::new(),
             meta: Vec::new(),
             lease_ops: Vec::new(),
+            state: Vec::new(),
             base,
             rev: base,
             compacted,
@@ -849,6 +868,8 @@ pub struct Writer<'a> {
     meta: Vec<(Vec<u8>, Vec<u8>)>,
     /// Lease records to write (`Some`) or remove (`None`) with the batch.
     lease_ops: Vec<(i64, Option<Vec<u8>>)>,
+    /// Replicated state values to write with the batch.
+    state: Vec<(String, Vec<u8>)>,
     /// Committed revision the batch builds on.
     base: i64,
     /// Newest revision assigned in this batch.
@@ -1155,6 +1176,12 @@ impl Writer<'_> {
         ));
     }
 
+    /// Stores a replicated state value with the batch: unlike [`Writer::put_meta`] it
+    /// is part of the replicated state, carried by images (read it with [`Store::state`]).
+    pub fn put_state(&mut self, name: &str, value: &[u8]) {
+        self.state.push((name.to_string(), value.to_vec()));
+    }
+
     /// Stores a lease record with the batch (read them back with [`Store::leases`]).
     pub fn put_lease(&mut self, id: i64, value: &[u8]) {
         self.lease_ops.push((id, Some(value.to_vec())));
@@ -1225,6 +1252,7 @@ impl Writer<'_> {
             && self.meta.is_empty()
             && self.compactions.is_empty()
             && self.lease_ops.is_empty()
+            && self.state.is_empty()
         {
             return Ok(());
         }
@@ -1239,6 +1267,9 @@ impl Writer<'_> {
         }
         for (k, v) in &self.meta {
             batch.put_cf(shared.meta_cf(), k, v);
+        }
+        for (k, v) in &self.state {
+            batch.put_cf(shared.state_cf(), k.as_bytes(), v);
         }
         for (id, v) in &self.lease_ops {
             match v {
@@ -1282,6 +1313,7 @@ impl Writer<'_> {
         self.overlay.clear();
         self.meta.clear();
         self.lease_ops.clear();
+        self.state.clear();
         self.base = self.rev;
         Ok(())
     }
