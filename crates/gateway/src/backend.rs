@@ -49,6 +49,10 @@ pub trait MaintenanceBackend: Send + Sync + 'static {
 #[tonic::async_trait]
 pub trait ClusterBackend: Send + Sync + 'static {
     async fn member_list(&self, req: MemberListRequest) -> Result<MemberListResponse>;
+    async fn member_add(&self, req: MemberAddRequest) -> Result<MemberAddResponse>;
+    async fn member_remove(&self, req: MemberRemoveRequest) -> Result<MemberRemoveResponse>;
+    async fn member_update(&self, req: MemberUpdateRequest) -> Result<MemberUpdateResponse>;
+    async fn member_promote(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse>;
 }
 
 /// Answers the HTTP health endpoints. `Ok` is healthy; the error says why not.

@@ -38,6 +38,20 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: member ID already exist")]
+    MemberExist,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExist,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
     #[error("etcdserver: no leader")]
     NoLeader,
     #[error("etcdserver: not leader")]
@@ -64,11 +78,18 @@ impl Error {
         use Error::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
+            | InvalidSortOption | RequestTooLarge | MemberBadUrls => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExist | NotLeader => Code::FailedPrecondition,
+            LeaseExist
+            | NotLeader
+            | MemberExist
+            | PeerUrlExist
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | NotEnoughStartedMembers => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
             Corrupt => Code::DataLoss,
             Unimplemented(_) => Code::Unimplemented,

@@ -94,23 +94,29 @@ impl<B: ?Sized> ClusterService<B> {
 impl<B: ClusterBackend + ?Sized> Cluster for ClusterService<B> {
     async fn member_add(
         &self,
-        _: Request<MemberAddRequest>,
+        req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(unavailable("Cluster.MemberAdd"))
+        let req = req.into_inner();
+        check_peer_urls(&req.peer_ur_ls)?;
+        Ok(Response::new(self.backend.member_add(req).await?))
     }
 
     async fn member_remove(
         &self,
-        _: Request<MemberRemoveRequest>,
+        req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(unavailable("Cluster.MemberRemove"))
+        Ok(Response::new(
+            self.backend.member_remove(req.into_inner()).await?,
+        ))
     }
 
     async fn member_update(
         &self,
-        _: Request<MemberUpdateRequest>,
+        req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(unavailable("Cluster.MemberUpdate"))
+        let req = req.into_inner();
+        check_peer_urls(&req.peer_ur_ls)?;
+        Ok(Response::new(self.backend.member_update(req).await?))
     }
 
     async fn member_list(
@@ -124,8 +130,29 @@ impl<B: ClusterBackend + ?Sized> Cluster for ClusterService<B> {
 
     async fn member_promote(
         &self,
-        _: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(unavailable("Cluster.MemberPromote"))
+        Ok(Response::new(
+            self.backend.member_promote(req.into_inner()).await?,
+        ))
     }
+}
+
+/// etcd refuses peer URLs that are not `scheme://host:port`.
+fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
+    if urls.is_empty() {
+        return Err(Error::MemberBadUrls.into());
+    }
+    for u in urls {
+        let ok = u.split_once("://").is_some_and(|(scheme, rest)| {
+            matches!(scheme, "http" | "https")
+                && rest
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        });
+        if !ok {
+            return Err(Error::MemberBadUrls.into());
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use concord_consensus::{Committed, StateMachine};
+use concord_consensus::{Committed, Configuration, MemberChange, StateMachine};
 use concord_gateway::Error as ApiError;
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
@@ -19,6 +19,7 @@ use prost::Message as _;
 
 use crate::convert;
 use crate::lease::{self, Lessor};
+use crate::membership::Membership;
 
 const TAG_PUT: u8 = 1;
 const TAG_DELETE_RANGE: u8 = 2;
@@ -27,6 +28,7 @@ const TAG_COMPACT: u8 = 4;
 const TAG_LEASE_GRANT: u8 = 5;
 const TAG_LEASE_REVOKE: u8 = 6;
 const TAG_LEASE_CHECKPOINT: u8 = 7;
+const TAG_MEMBER_UPDATE: u8 = 8;
 
 /// A write as it travels through the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +42,8 @@ pub enum Command {
     LeaseRevoke(pb::LeaseRevokeRequest),
     /// `(lease id, remaining ms or [`lease::FULL`])`, decided by the primary.
     LeaseCheckpoint(Vec<(i64, i64)>),
+    /// New peer URLs for a member (adds and removals are Raft membership changes).
+    MemberUpdate(pb::MemberUpdateRequest),
 }
 
 impl Command {
@@ -52,6 +56,7 @@ impl Command {
             Command::LeaseGrant(r) => (TAG_LEASE_GRANT, r.encode_to_vec()),
             Command::LeaseRevoke(r) => (TAG_LEASE_REVOKE, r.encode_to_vec()),
             Command::LeaseCheckpoint(c) => (TAG_LEASE_CHECKPOINT, lease::encode_checkpoints(c)),
+            Command::MemberUpdate(r) => (TAG_MEMBER_UPDATE, r.encode_to_vec()),
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(tag);
@@ -76,6 +81,9 @@ impl Command {
                 Command::LeaseRevoke(pb::LeaseRevokeRequest::decode(body).map_err(bad)?)
             }
             TAG_LEASE_CHECKPOINT => Command::LeaseCheckpoint(lease::decode_checkpoints(body)?),
+            TAG_MEMBER_UPDATE => {
+                Command::MemberUpdate(pb::MemberUpdateRequest::decode(body).map_err(bad)?)
+            }
             other => return Err(format!("unknown command tag {other}")),
         })
     }
@@ -98,6 +106,8 @@ pub enum Applied {
     /// The revision after the lease's keys were deleted.
     LeaseRevoke(i64),
     LeaseCheckpoint,
+    /// The member list after a membership change or update.
+    Members(Vec<pb::Member>),
 }
 
 /// What a proposer gets back: the command's result, or the (deterministic) error it
@@ -108,6 +118,7 @@ pub type Output = Result<Applied, ApiError>;
 pub struct KvMachine {
     store: Arc<mvcc::Store>,
     leases: Arc<Lessor>,
+    members: Arc<Membership>,
     /// Gets every applied revision's changes once they are readable.
     hub: Arc<concord_watch::Hub>,
 }
@@ -116,13 +127,24 @@ impl KvMachine {
     pub fn new(
         store: Arc<mvcc::Store>,
         leases: Arc<Lessor>,
+        members: Arc<Membership>,
         hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
-        KvMachine { store, leases, hub }
+        KvMachine {
+            store,
+            leases,
+            members,
+            hub,
+        }
     }
 }
 
-fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, data: &[u8]) -> Output {
+fn apply_one(
+    w: &mut mvcc::Writer<'_>,
+    leases: &Lessor,
+    members: &Membership,
+    data: &[u8],
+) -> Output {
     let cmd = match Command::decode(data) {
         Ok(c) => c,
         // Every member decodes the same bytes the same way, so failing just this
@@ -153,6 +175,9 @@ fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, data: &[u8]) -> Output {
             leases.apply_checkpoint(w, &cps);
             Applied::LeaseCheckpoint
         }
+        Command::MemberUpdate(u) => {
+            Applied::Members(members.apply_update(w, u.id, &u.peer_ur_ls)?)
+        }
     })
 }
 
@@ -167,12 +192,24 @@ impl StateMachine for KvMachine {
         let mut writer = self.store.writer().map_err(|e| e.to_string())?;
         let outputs: Vec<Output> = cmds
             .iter()
-            .map(|c| apply_one(&mut writer, &self.leases, c.data))
+            .map(|c| apply_one(&mut writer, &self.leases, &self.members, c.data))
             .collect();
         let last = cmds.last().map(|c| c.index);
         let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
         crate::watch::publish_changes(&self.hub, changes);
         Ok(outputs)
+    }
+
+    fn apply_change(
+        &mut self,
+        index: u64,
+        change: &MemberChange,
+        _config: &Configuration,
+    ) -> Result<Output, String> {
+        let mut w = self.store.writer().map_err(|e| e.to_string())?;
+        let list = self.members.apply_change(&mut w, change);
+        w.commit(Some(index)).map_err(|e| e.to_string())?;
+        Ok(Ok(Applied::Members(list)))
     }
 
     fn snapshot(&mut self) -> Result<Box<dyn Read + Send>, String> {
@@ -182,6 +219,7 @@ impl StateMachine for KvMachine {
     fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
         self.store.import(image, index).map_err(|e| e.to_string())?;
         self.leases.reload(&self.store)?;
+        self.members.reload(&self.store)?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
@@ -216,6 +254,10 @@ mod tests {
             Command::LeaseGrant(pb::LeaseGrantRequest { ttl: 5, id: 77 }),
             Command::LeaseRevoke(pb::LeaseRevokeRequest { id: 77 }),
             Command::LeaseCheckpoint(vec![(77, 1500), (78, lease::FULL)]),
+            Command::MemberUpdate(pb::MemberUpdateRequest {
+                id: 5,
+                peer_ur_ls: vec!["http://h:1".into()],
+            }),
         ];
         for c in cmds {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
@@ -237,7 +279,8 @@ mod tests {
             concord_watch::HubOptions::default(),
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases, hub);
+        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases, members, hub);
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -285,7 +328,8 @@ mod tests {
             concord_watch::HubOptions::default(),
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases.clone(), hub);
+        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases.clone(), members, hub);
         let put = |k: &str, lease: i64| {
             Command::Put(pb::PutRequest {
                 key: k.into(),

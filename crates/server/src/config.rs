@@ -78,6 +78,10 @@ pub struct Args {
     /// duration: a dead client's lease outlives a leader change by at most about this.
     #[arg(long, alias = "experimental-lease-checkpoint-interval")]
     pub lease_checkpoint_interval: Option<String>,
+    /// The leader promotes a learner to voter as soon as it has caught up (etcd needs
+    /// `member promote`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub auto_promote_learners: Option<bool>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -139,6 +143,7 @@ pub struct Config {
     pub log_level: String,
     pub watch_progress_notify_interval: String,
     pub lease_checkpoint_interval: String,
+    pub auto_promote_learners: bool,
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -178,7 +183,8 @@ impl Config {
             .set_default("quota_backend_bytes", 2i64 * 1024 * 1024 * 1024)?
             .set_default("log_level", "info")?
             .set_default("watch_progress_notify_interval", "10m")?
-            .set_default("lease_checkpoint_interval", "1s")?;
+            .set_default("lease_checkpoint_interval", "1s")?
+            .set_default("auto_promote_learners", false)?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -206,7 +212,8 @@ impl Config {
                 "watch_progress_notify_interval",
                 a.watch_progress_notify_interval,
             )?
-            .set_override_option("lease_checkpoint_interval", a.lease_checkpoint_interval)?;
+            .set_override_option("lease_checkpoint_interval", a.lease_checkpoint_interval)?
+            .set_override_option("auto_promote_learners", a.auto_promote_learners)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);

@@ -2,7 +2,7 @@
 //! leader's clock task (promotion, expiry), the checkpoint task, and forwarding the
 //! calls only the leader can answer. The rules themselves are in [`crate::lease`].
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use concord_consensus::Role;
@@ -27,10 +27,6 @@ const REVOKES_PER_TICK: usize = 100;
 const REVOKE_RETRY: Duration = Duration::from_secs(3);
 /// Pause before retrying a call on the leader while leadership settles.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-
-/// A cached client of the leader's Lease service.
-#[derive(Default)]
-pub(crate) struct LeaseForward(Mutex<Option<(u64, LeaseClient<Channel>)>>);
 
 /// Starts the clock and checkpoint tasks on the current runtime; both end with the node.
 pub(crate) fn spawn(node: &Arc<Node>, restores: mpsc::Receiver<RestoreRequest>, every: Duration) {
@@ -142,36 +138,6 @@ impl Node {
             .map_err(|_| ApiError::Stopped)?
     }
 
-    /// A client of the current leader's Lease service, marked as forwarded.
-    fn leader_lease_client(&self, leader: u64) -> ApiResult<LeaseClient<Channel>> {
-        let mut cached = self
-            .lease_forward
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some((id, c)) = cached.as_ref()
-            && *id == leader
-        {
-            return Ok(c.clone());
-        }
-        let url = self
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .find(|m| m.id == leader)
-            .and_then(|m| m.client_ur_ls.first().cloned())
-            // Its client URLs are not known yet: as good as no leader for this call.
-            .ok_or(ApiError::NoLeader)?;
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| ApiError::Internal(format!("etcdserver: leader client URL: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        let client = LeaseClient::new(channel);
-        *cached = Some((leader, client.clone()));
-        Ok(client)
-    }
-
     /// Runs `local` until it answers; while this member is not primary, asks the leader
     /// with `remote` instead (or, for a call another member forwarded here, says "not
     /// leader" so that member retries). Gives up after the request timeout.
@@ -192,7 +158,7 @@ impl Node {
             }
             // A leader not yet primary is applying its predecessor's entries: wait.
             if st.role != Role::Leader && st.leader != 0 && st.leader != st.id {
-                match remote(self.leader_lease_client(st.leader)?).await {
+                match remote(LeaseClient::new(self.leader_channel(st.leader)?)).await {
                     Ok(v) => return Ok(v),
                     // Leadership moved or the leader is unreachable: try again.
                     Err(s)
@@ -215,11 +181,14 @@ impl Node {
 }
 
 /// A status from the leader, back into the error a client of this member gets.
-fn status_error(s: tonic::Status) -> ApiError {
+pub(crate) fn status_error(s: tonic::Status) -> ApiError {
     let known = [
         ApiError::LeaseNotFound,
         ApiError::LeaseExist,
         ApiError::LeaseTtlTooLarge,
+        ApiError::MemberNotFound,
+        ApiError::MemberNotLearner,
+        ApiError::LearnerNotReady,
         ApiError::NoLeader,
         ApiError::LeaderChanged,
         ApiError::Timeout,
@@ -231,7 +200,7 @@ fn status_error(s: tonic::Status) -> ApiError {
         .unwrap_or_else(|| ApiError::Internal(s.message().to_string()))
 }
 
-fn forwarded_request<T>(msg: T) -> tonic::Request<T> {
+pub(crate) fn forwarded_request<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert(
         concord_gateway::FORWARDED_KEY,

@@ -25,5 +25,6 @@ pub mod config;
 pub mod convert;
 pub mod lease;
 mod lease_node;
+pub mod membership;
 pub mod node;
 pub mod watch;

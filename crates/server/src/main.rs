@@ -29,7 +29,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let started = Node::open(&cfg).with_context(|| format!("opening {}", cfg.data_dir))?;
+    let started = Node::open(&cfg)
+        .await
+        .with_context(|| format!("opening {}", cfg.data_dir))?;
     let node = started.node.clone();
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
@@ -79,6 +81,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     eprintln!("concord ready: member {:x}", node.identity().member_id);
     let failed = tokio::select! {
         _ = shutdown_signal() => false,
+        _ = node.removed() => {
+            // As etcd: a removed member stops serving and exits.
+            tracing::warn!("this member was removed from the cluster; shutting down");
+            false
+        }
         _ = node.stopped() => true,
     };
     if failed {

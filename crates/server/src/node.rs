@@ -7,20 +7,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use concord_consensus as consensus;
+use concord_consensus::{self as consensus, ChangeKind, MemberChange};
 use concord_gateway::{
     ClusterBackend, Error as ApiError, HealthBackend, KvBackend, MaintenanceBackend,
     Result as ApiResult, WatchBackend, WatchSession,
 };
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
+use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::apply::{Applied, Command, KvMachine, Output};
 use crate::config::{Config, split_urls};
 use crate::convert;
 use crate::lease::Lessor;
-use crate::lease_node::{self, LeaseForward, RestoreRequest};
+use crate::lease_node::{self, RestoreRequest};
+use crate::membership::Membership;
 
 const META_MEMBER_ID: &str = "member_id";
 const META_CLUSTER_ID: &str = "cluster_id";
@@ -106,6 +108,9 @@ pub fn raft_error(e: consensus::Error) -> ApiError {
         consensus::Error::LeaderChanged => ApiError::LeaderChanged,
         consensus::Error::Timeout => ApiError::Timeout,
         consensus::Error::Stopped => ApiError::Stopped,
+        consensus::Error::ChangeInProgress => ApiError::Internal(
+            "etcdserver: a membership change is already in progress; retry".into(),
+        ),
         other => ApiError::Internal(format!("etcdserver: {other}")),
     }
 }
@@ -117,17 +122,22 @@ pub struct Node {
     election_timeout: Duration,
     pub(crate) raft: consensus::Handle<Output>,
     identity: Identity,
-    /// Client URLs of other members fill in as they answer `Peer/Attributes`.
-    pub(crate) members: std::sync::Mutex<Vec<pb::Member>>,
+    /// The member list (replicated); names and client URLs of other members fill in as
+    /// they answer `Peer/Attributes`.
+    pub(crate) members: Arc<Membership>,
+    name: String,
     client_urls: Vec<String>,
+    token: String,
+    local_ip: Option<IpAddr>,
     quota: i64,
     pub(crate) lessor: Arc<Lessor>,
     /// etcd's minimum lease TTL for this member's election timeout.
     pub(crate) min_ttl: i64,
     /// Keep-alives that need the full TTL restored in the log before they are answered.
     pub(crate) restores: mpsc::Sender<RestoreRequest>,
-    /// A client of the leader's Lease service, for calls only the leader can answer.
-    pub(crate) lease_forward: LeaseForward,
+    /// A channel to the leader's client port, for calls only the leader can answer.
+    leader_channel: std::sync::Mutex<Option<(u64, tonic::transport::Channel)>>,
+    auto_promote: bool,
     pub(crate) request_timeout: Duration,
 }
 
@@ -141,18 +151,11 @@ impl Node {
     /// Opens the member's store and Raft log under the configured data directory,
     /// restores or creates its identity, and starts Raft with peers reached over gRPC
     /// (tasks on the current tokio runtime).
-    pub fn open(cfg: &Config) -> anyhow::Result<Started> {
+    pub async fn open(cfg: &Config) -> anyhow::Result<Started> {
         let data = Path::new(&cfg.data_dir);
         let mvcc_dir = data.join("mvcc");
         let raft_dir = data.join("raft");
         let existed = raft_dir.join("wal").exists();
-        if cfg.initial_cluster_state == "existing" && !existed {
-            anyhow::bail!(
-                "--initial-cluster-state=existing needs this member to be added to the cluster \
-                 first (member add), which this version does not support; start every member \
-                 of a new cluster with --initial-cluster-state=new"
-            );
-        }
         std::fs::create_dir_all(&mvcc_dir)?;
         // The Raft WAL makes every applied write re-creatable, so the store itself does
         // not fsync (one fsync per write batch, in the WAL).
@@ -160,47 +163,83 @@ impl Node {
             &mvcc_dir,
             mvcc::StoreOptions { sync_writes: false },
         )?);
-        let derived = Identity::derive(cfg)?;
-        let identity = match (
-            meta_u64(&store, META_MEMBER_ID)?,
-            meta_u64(&store, META_CLUSTER_ID)?,
-        ) {
-            (Some(member_id), Some(cluster_id)) => Identity {
-                cluster_id,
-                member_id,
-            },
-            _ => derived,
-        };
-        let mut w = store.writer()?;
-        w.put_meta(META_MEMBER_ID, &identity.member_id.to_be_bytes());
-        w.put_meta(META_CLUSTER_ID, &identity.cluster_id.to_be_bytes());
-        w.commit(None)?;
-        let members = initial_members(cfg)?;
-        tracing::info!(
-            member_id = format!("{:x}", identity.member_id),
-            cluster_id = format!("{:x}", identity.cluster_id),
-            members = members.len(),
-            "member identity"
-        );
-        let peers: HashMap<u64, String> = members
-            .iter()
-            .filter(|m| m.0 != identity.member_id)
-            .map(|m| (m.0, m.2[0].clone()))
-            .collect();
-        let peer_list: Vec<(u64, String)> = peers.iter().map(|(i, u)| (*i, u.clone())).collect();
         let local_ip = cfg
             .peer_listen_addrs()?
             .first()
             .map(|a| a.ip())
             .filter(|ip: &IpAddr| !ip.is_unspecified());
-        let transport =
-            consensus::grpc::GrpcTransport::new(peers, local_ip, tokio::runtime::Handle::current());
-        let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
-        let mut rcfg = consensus::Config::new(
-            identity.member_id,
-            members.iter().map(|m| m.0).collect(),
-            raft_dir,
+        let own_peer_urls = split_urls(&cfg.initial_advertise_peer_urls);
+        let (identity, initial) = match (
+            meta_u64(&store, META_MEMBER_ID)?,
+            meta_u64(&store, META_CLUSTER_ID)?,
+        ) {
+            (Some(member_id), Some(cluster_id)) => (
+                Identity {
+                    cluster_id,
+                    member_id,
+                },
+                // Restarting: the member list recorded at the first start (or by a
+                // later change) is loaded below; the flags' list only stands in for a
+                // data directory that has none recorded.
+                flag_members(cfg)?,
+            ),
+            _ if cfg.initial_cluster_state == "existing" && !existed => {
+                // Joining: the cluster tells us who is in it (we must have been added).
+                join_info(cfg, &own_peer_urls, local_ip).await?
+            }
+            _ => (Identity::derive(cfg)?, flag_members(cfg)?),
+        };
+        let mut w = store.writer()?;
+        w.put_meta(META_MEMBER_ID, &identity.member_id.to_be_bytes());
+        w.put_meta(META_CLUSTER_ID, &identity.cluster_id.to_be_bytes());
+        if !crate::membership::recorded(&store)? {
+            // The first start: every member of a new cluster records the same list
+            // (from the same --initial-cluster), a joining member the one the cluster
+            // sent; changes through the log replace it.
+            crate::membership::record_initial(&mut w, &initial);
+        }
+        w.commit(None)?;
+        tracing::info!(
+            member_id = format!("{:x}", identity.member_id),
+            cluster_id = format!("{:x}", identity.cluster_id),
+            "member identity"
         );
+        let transport = consensus::grpc::GrpcTransport::new(
+            HashMap::new(),
+            local_ip,
+            tokio::runtime::Handle::current(),
+        );
+        let membership = Arc::new(
+            Membership::open(&store, identity.member_id, initial, Some(transport.clone()))
+                .map_err(anyhow::Error::msg)?,
+        );
+        membership.learned(
+            identity.member_id,
+            cfg.name.clone(),
+            split_urls(&cfg.advertise_client_urls),
+        );
+        let members = membership.list();
+        let voters: Vec<u64> = members
+            .iter()
+            .filter(|m| !m.is_learner)
+            .map(|m| m.id)
+            .collect();
+        let learners: Vec<u64> = members
+            .iter()
+            .filter(|m| m.is_learner)
+            .map(|m| m.id)
+            .collect();
+        let peer_list: Vec<(u64, String)> = members
+            .iter()
+            .filter(|m| m.id != identity.member_id)
+            .filter_map(|m| Some((m.id, m.peer_ur_ls.first()?.clone())))
+            .collect();
+        for (id, url) in &peer_list {
+            transport.set_peer(*id, url);
+        }
+        let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
+        let mut rcfg = consensus::Config::new(identity.member_id, voters, raft_dir);
+        rcfg.learners = learners;
         rcfg.tick = tick;
         rcfg.election_ticks = (cfg.election_timeout / cfg.heartbeat_interval.max(1)) as usize;
         rcfg.heartbeat_ticks = 1;
@@ -219,42 +258,40 @@ impl Node {
         let lessor = Arc::new(Lessor::open(&store).map_err(anyhow::Error::msg)?);
         let min_ttl = crate::lease::min_ttl(rcfg.election_ticks as u64, tick.as_millis() as u64);
         let request_timeout = rcfg.request_timeout;
-        let machine = KvMachine::new(store.clone(), lessor.clone(), hub.clone());
+        let machine = KvMachine::new(
+            store.clone(),
+            lessor.clone(),
+            membership.clone(),
+            hub.clone(),
+        );
         let raft = consensus::start(rcfg, machine, transport)?;
         let (restores, restore_rx) = mpsc::channel(4096);
         let client_urls = split_urls(&cfg.advertise_client_urls);
-        let members = members
-            .into_iter()
-            .map(|(id, name, peer_urls)| pb::Member {
-                id,
-                client_ur_ls: if id == identity.member_id {
-                    client_urls.clone()
-                } else {
-                    Vec::new()
-                },
-                name,
-                peer_ur_ls: peer_urls,
-                is_learner: false,
-            })
-            .collect();
         let node = Arc::new(Node {
             store,
             hub,
             election_timeout: Duration::from_millis(cfg.election_timeout),
             raft: raft.handle.clone(),
             identity,
-            members: std::sync::Mutex::new(members),
+            members: membership,
+            name: cfg.name.clone(),
             client_urls,
+            token: cfg.initial_cluster_token.clone(),
+            local_ip,
             quota: cfg.quota_backend_bytes,
             lessor,
             min_ttl,
             restores,
-            lease_forward: LeaseForward::default(),
+            leader_channel: std::sync::Mutex::new(None),
+            auto_promote: cfg.auto_promote_learners,
             request_timeout,
         });
         lease_node::spawn(&node, restore_rx, cfg.lease_checkpoint_interval()?);
+        if node.auto_promote {
+            tokio::spawn(auto_promote(Arc::downgrade(&node)));
+        }
         for (id, url) in peer_list {
-            tokio::spawn(learn_client_urls(Arc::downgrade(&node), id, url, local_ip));
+            tokio::spawn(learn_attributes(Arc::downgrade(&node), id, url));
         }
         Ok(Started { node, raft })
     }
@@ -263,9 +300,60 @@ impl Node {
         self.identity
     }
 
-    /// What this member publishes to its peers: its client URLs, comma-separated.
-    pub fn attributes(&self) -> Vec<u8> {
-        self.client_urls.join(",").into_bytes()
+    /// What this member publishes to peers that ask: the member list as it knows it,
+    /// with its own name and client URLs, under a header with the cluster and member
+    /// ids (a joining member learns the cluster from it).
+    pub fn attributes(self: &Arc<Self>) -> consensus::grpc::Attributes {
+        let node = Arc::downgrade(self);
+        Arc::new(move || {
+            let Some(node) = node.upgrade() else {
+                return Vec::new();
+            };
+            node.members.learned(
+                node.identity.member_id,
+                node.name.clone(),
+                node.client_urls.clone(),
+            );
+            pb::MemberListResponse {
+                header: Some(pb::ResponseHeader {
+                    cluster_id: node.identity.cluster_id,
+                    member_id: node.identity.member_id,
+                    ..Default::default()
+                }),
+                members: node.members.list(),
+            }
+            .encode_to_vec()
+        })
+    }
+
+    /// A channel to the client port of member `leader` (cached), for forwarding.
+    pub(crate) fn leader_channel(&self, leader: u64) -> ApiResult<tonic::transport::Channel> {
+        let mut cached = self
+            .leader_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((id, c)) = cached.as_ref()
+            && *id == leader
+        {
+            return Ok(c.clone());
+        }
+        let url = self
+            .members
+            .get(leader)
+            .and_then(|m| m.client_ur_ls.first().cloned())
+            // Its client URLs are not known yet: as good as no leader for this call.
+            .ok_or(ApiError::NoLeader)?;
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| ApiError::Internal(format!("etcdserver: leader client URL: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        *cached = Some((leader, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Resolves once a membership change has removed this member.
+    pub async fn removed(&self) {
+        self.members.removed().await
     }
 
     /// Where peers deliver Raft messages for this member.
@@ -314,29 +402,118 @@ impl Node {
     }
 }
 
-/// Asks peer `id` for its client URLs until it answers (etcd members publish them
-/// through Raft; here each member asks its peers directly), while the node lives.
-async fn learn_client_urls(
-    node: std::sync::Weak<Node>,
-    id: u64,
-    url: String,
-    local_ip: Option<IpAddr>,
-) {
+/// The members `--initial-cluster` names.
+fn flag_members(cfg: &Config) -> anyhow::Result<Vec<pb::Member>> {
+    Ok(initial_members(cfg)?
+        .into_iter()
+        .map(|(id, name, peer_urls)| pb::Member {
+            id,
+            name,
+            peer_ur_ls: peer_urls,
+            ..Default::default()
+        })
+        .collect())
+}
+
+/// Decodes what a member publishes ([`Node::attributes`]).
+fn decode_attributes(b: &[u8]) -> Option<pb::MemberListResponse> {
+    pb::MemberListResponse::decode(b)
+        .ok()
+        .filter(|r| r.header.is_some())
+}
+
+/// Asks peer `id` for its name and client URLs until it answers, while the node lives
+/// and `id` is a member (etcd members publish them through Raft; here each member asks
+/// its peers directly).
+pub(crate) async fn learn_attributes(node: std::sync::Weak<Node>, id: u64, url: String) {
     loop {
-        if let Ok(attrs) = consensus::grpc::fetch_attributes(&url, local_ip).await {
-            let Some(node) = node.upgrade() else { return };
-            let urls = split_urls(&String::from_utf8_lossy(&attrs));
-            let mut members = node.members.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(m) = members.iter_mut().find(|m| m.id == id) {
-                m.client_ur_ls = urls;
-            }
+        let Some(n) = node.upgrade() else { return };
+        if n.members.get(id).is_none() {
             return;
         }
-        if node.strong_count() == 0 {
+        let local_ip = n.local_ip;
+        drop(n);
+        if let Ok(attrs) = consensus::grpc::fetch_attributes(&url, local_ip).await
+            && let Some(r) = decode_attributes(&attrs)
+            && let Some(me) = r.members.iter().find(|m| m.id == id)
+        {
+            let Some(node) = node.upgrade() else { return };
+            node.members
+                .learned(id, me.name.clone(), me.client_ur_ls.clone());
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// For a member started with `--initial-cluster-state existing` and no data: asks the
+/// other members in `--initial-cluster` for the cluster's id and member list; this
+/// member must be in it (added with `member add` first).
+async fn join_info(
+    cfg: &Config,
+    own_peer_urls: &[String],
+    local_ip: Option<IpAddr>,
+) -> anyhow::Result<(Identity, Vec<pb::Member>)> {
+    let member_id = member_id(own_peer_urls, &cfg.initial_cluster_token);
+    let others: Vec<String> = cfg
+        .initial_member_urls()?
+        .into_iter()
+        .filter(|(name, _)| *name != cfg.name)
+        .filter_map(|(_, urls)| urls.first().cloned())
+        .collect();
+    if others.is_empty() {
+        anyhow::bail!(
+            "--initial-cluster-state=existing needs the cluster's other members in \
+             --initial-cluster (as `member add` prints them)"
+        );
+    }
+    // etcd gives up at once when no peer answers; a few seconds cover peers starting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        for url in &others {
+            match consensus::grpc::fetch_attributes(url, local_ip).await {
+                Ok(attrs) => match decode_attributes(&attrs) {
+                    Some(r) => {
+                        if !r.members.iter().any(|m| m.id == member_id) {
+                            anyhow::bail!(
+                                "this member ({member_id:x}, peer URLs {own_peer_urls:?}) is \
+                                 not in the cluster's member list; add it with `member add` \
+                                 first"
+                            );
+                        }
+                        let cluster_id = r.header.map_or(0, |h| h.cluster_id);
+                        let members = r
+                            .members
+                            .into_iter()
+                            .map(|mut m| {
+                                m.client_ur_ls.clear();
+                                if m.id == member_id {
+                                    m.name = cfg.name.clone();
+                                }
+                                m
+                            })
+                            .collect();
+                        return Ok((
+                            Identity {
+                                cluster_id,
+                                member_id,
+                            },
+                            members,
+                        ));
+                    }
+                    None => last = format!("{url}: not a Concord member"),
+                },
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!(
+        "--initial-cluster-state=existing: could not retrieve the cluster's members from \
+         {}: {last}",
+        others.join(", ")
+    )
 }
 
 /// etcd serves a read-only txn serializably only when every range in it asks for that.
@@ -455,7 +632,10 @@ impl MaintenanceBackend for Node {
             raft_applied_index: st.applied,
             errors,
             db_size_in_use: in_use,
-            is_learner: false,
+            is_learner: self
+                .members
+                .get(self.identity.member_id)
+                .is_some_and(|m| m.is_learner),
             storage_version: String::new(),
             db_size_quota: self.quota,
             downgrade_info: None,
@@ -478,17 +658,189 @@ impl MaintenanceBackend for Node {
     }
 }
 
+impl Node {
+    async fn change_members(&self, change: MemberChange) -> ApiResult<Vec<pb::Member>> {
+        match self
+            .raft
+            .propose_change(change)
+            .await
+            .map_err(raft_error)??
+        {
+            Applied::Members(list) => Ok(list),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Whether learner `id` has caught up with the leader (etcd: its matched index is
+    /// at least 90% of the leader's). Leader only.
+    fn learner_ready(&self, id: u64) -> bool {
+        let (progress, _) = self.raft.progress();
+        let own = progress
+            .iter()
+            .find(|(m, _)| *m == self.identity.member_id)
+            .map_or(0, |p| p.1);
+        progress
+            .iter()
+            .find(|(m, _)| *m == id)
+            .is_some_and(|&(_, matched)| matched as f64 >= own as f64 * 0.9)
+    }
+
+    /// `MemberPromote` on the leader.
+    async fn promote_here(&self, id: u64) -> ApiResult<Vec<pb::Member>> {
+        let m = self.members.get(id).ok_or(ApiError::MemberNotFound)?;
+        if !m.is_learner {
+            return Err(ApiError::MemberNotLearner);
+        }
+        if !self.learner_ready(id) {
+            return Err(ApiError::LearnerNotReady);
+        }
+        self.change_members(MemberChange {
+            kind: ChangeKind::AddVoter,
+            id,
+            context: Vec::new(),
+        })
+        .await
+    }
+}
+
+/// With `--auto-promote-learners`: the leader promotes each learner once it has caught
+/// up (checked every second).
+async fn auto_promote(node: std::sync::Weak<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.raft.status().role != consensus::Role::Leader {
+            continue;
+        }
+        for m in node.members.list().into_iter().filter(|m| m.is_learner) {
+            if node.learner_ready(m.id) {
+                match node.promote_here(m.id).await {
+                    Ok(_) => tracing::info!(
+                        member = format!("{:x}", m.id),
+                        "learner promoted automatically"
+                    ),
+                    Err(e) => {
+                        tracing::debug!(member = format!("{:x}", m.id), error = %e, "automatic promotion not done")
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[concord_gateway::async_trait]
 impl ClusterBackend for Node {
-    async fn member_list(&self, _req: pb::MemberListRequest) -> ApiResult<pb::MemberListResponse> {
+    async fn member_list(&self, req: pb::MemberListRequest) -> ApiResult<pb::MemberListResponse> {
+        if req.linearizable {
+            self.linearize().await?;
+        }
         Ok(pb::MemberListResponse {
             // etcd's Cluster service headers carry no revision.
             header: self.header(0),
-            members: self
+            members: self.members.list(),
+        })
+    }
+
+    async fn member_add(&self, req: pb::MemberAddRequest) -> ApiResult<pb::MemberAddResponse> {
+        let list = self.members.list();
+        if list
+            .iter()
+            .any(|m| m.peer_ur_ls.iter().any(|u| req.peer_ur_ls.contains(u)))
+        {
+            return Err(ApiError::PeerUrlExist);
+        }
+        // The new member derives the same id from its peer URLs and the token.
+        let id = member_id(&req.peer_ur_ls, &self.token);
+        if list.iter().any(|m| m.id == id) {
+            return Err(ApiError::MemberExist);
+        }
+        // etcd allows one learner at a time.
+        if req.is_learner && list.iter().any(|m| m.is_learner) {
+            return Err(ApiError::TooManyLearners);
+        }
+        let member = pb::Member {
+            id,
+            peer_ur_ls: req.peer_ur_ls,
+            is_learner: req.is_learner,
+            ..Default::default()
+        };
+        let members = self
+            .change_members(MemberChange {
+                kind: if member.is_learner {
+                    ChangeKind::AddLearner
+                } else {
+                    ChangeKind::AddVoter
+                },
+                id,
+                context: member.encode_to_vec(),
+            })
+            .await?;
+        Ok(pb::MemberAddResponse {
+            header: self.header(0),
+            member: Some(member),
+            members,
+        })
+    }
+
+    async fn member_remove(
+        &self,
+        req: pb::MemberRemoveRequest,
+    ) -> ApiResult<pb::MemberRemoveResponse> {
+        if self.members.get(req.id).is_none() {
+            return Err(ApiError::MemberNotFound);
+        }
+        let members = self
+            .change_members(MemberChange {
+                kind: ChangeKind::Remove,
+                id: req.id,
+                context: Vec::new(),
+            })
+            .await?;
+        Ok(pb::MemberRemoveResponse {
+            header: self.header(0),
+            members,
+        })
+    }
+
+    async fn member_update(
+        &self,
+        req: pb::MemberUpdateRequest,
+    ) -> ApiResult<pb::MemberUpdateResponse> {
+        if self.members.get(req.id).is_none() {
+            return Err(ApiError::MemberNotFound);
+        }
+        match self.propose(Command::MemberUpdate(req)).await? {
+            Applied::Members(members) => Ok(pb::MemberUpdateResponse {
+                header: self.header(0),
+                members,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn member_promote(
+        &self,
+        req: pb::MemberPromoteRequest,
+    ) -> ApiResult<pb::MemberPromoteResponse> {
+        let st = self.raft.status();
+        let members = if st.role == consensus::Role::Leader {
+            self.promote_here(req.id).await?
+        } else if st.leader == 0 {
+            return Err(ApiError::NoLeader);
+        } else {
+            // Only the leader knows whether the learner has caught up: ask it.
+            let mut leader =
+                pb::cluster_client::ClusterClient::new(self.leader_channel(st.leader)?);
+            leader
+                .member_promote(req)
+                .await
+                .map_err(crate::lease_node::status_error)?
+                .into_inner()
                 .members
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+        };
+        Ok(pb::MemberPromoteResponse {
+            header: self.header(0),
+            members,
         })
     }
 }
