@@ -76,6 +76,9 @@ pub struct Member {
     args: Vec<OsString>,
     /// Every log file this member has written, oldest first (one per start).
     logs: Vec<PathBuf>,
+    /// Removed from the cluster (by `member remove`): no longer in `--initial-cluster`
+    /// of members added later.
+    pub retired: bool,
 }
 
 impl Member {
@@ -108,6 +111,8 @@ pub struct Cluster {
     bin: PathBuf,
     /// Member ids (from each member's own status header), learned by [`Self::leader`].
     ids: Mutex<Vec<Option<u64>>>,
+    token: String,
+    extra: Vec<String>,
     // Last, so the processes are killed before their directories are removed.
     tmp: tempfile::TempDir,
 }
@@ -195,6 +200,7 @@ impl Cluster {
                 dir,
                 args,
                 logs: Vec::new(),
+                retired: false,
             });
         }
         let mut cluster = Cluster {
@@ -202,6 +208,8 @@ impl Cluster {
             members,
             bin,
             ids: Mutex::new(vec![None; n]),
+            token,
+            extra: opts.extra.clone(),
             tmp,
         };
         for i in 0..n {
@@ -235,6 +243,86 @@ impl Cluster {
         m.proc = Proc::spawn(cmd, log.clone())?;
         m.logs.push(log);
         Ok(())
+    }
+
+    /// Prepares a member to add to the running cluster (not proxied): its ports and
+    /// flags, with `--initial-cluster-state existing` and an `--initial-cluster` of the
+    /// members not retired plus itself. Returns its index and its peer URL, for
+    /// `member add`; start it with [`Cluster::start_added`] once the add is committed.
+    pub fn prepare_member(&mut self) -> (usize, String) {
+        let i = self.members.len();
+        let name = format!("n{}", i + 1);
+        let client_port = free_port();
+        let peer_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let peer_url = format!("http://{peer_listen}");
+        let mut cluster: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| !m.retired)
+            .map(|m| format!("{}=http://{}", m.name, m.peer_advertise))
+            .collect();
+        cluster.push(format!("{name}={peer_url}"));
+        let dir = self.tmp.path().join(&name);
+        let client = format!("http://127.0.0.1:{client_port}");
+        let mut args: Vec<OsString> = Vec::new();
+        for (k, v) in [
+            ("--name", name.clone()),
+            ("--data-dir", dir.to_string_lossy().into_owned()),
+            ("--listen-client-urls", client.clone()),
+            ("--advertise-client-urls", client),
+            ("--listen-peer-urls", peer_url.clone()),
+            ("--initial-advertise-peer-urls", peer_url.clone()),
+            ("--initial-cluster", cluster.join(",")),
+            ("--initial-cluster-state", "existing".into()),
+            ("--initial-cluster-token", self.token.clone()),
+        ] {
+            args.push(k.into());
+            args.push(v.into());
+        }
+        args.extend(self.extra.iter().map(OsString::from));
+        self.members.push(Member {
+            name,
+            client_port,
+            peer_listen,
+            peer_advertise: peer_listen,
+            proc: Proc {
+                child: None,
+                log: PathBuf::new(),
+            },
+            proxy: None,
+            dir,
+            args,
+            logs: Vec::new(),
+            retired: false,
+        });
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(None);
+        (i, peer_url)
+    }
+
+    /// Starts member `i` prepared by [`Cluster::prepare_member`] and waits until it
+    /// answers `Status` (a learner does not serve linearizable reads in etcd).
+    pub async fn start_added(&mut self, i: usize) -> Result<()> {
+        self.spawn(i)?;
+        let endpoint = self.endpoint(i);
+        let ready = wait_until(READY_DEADLINE, "the added member", || {
+            let endpoint = endpoint.clone();
+            async move {
+                connect(&endpoint)
+                    .await?
+                    .maintenance_client()
+                    .status()
+                    .await?;
+                Ok(())
+            }
+        })
+        .await;
+        if ready.is_err() {
+            eprintln!("{}", self.member_log(i));
+        }
+        ready
     }
 
     /// Every member's client URL.

@@ -1,0 +1,223 @@
+//! Growing and shrinking a cluster with `etcdctl member add / promote / remove` while a
+//! writer keeps writing: 1 member → a learner added, started, promoted once caught up →
+//! a voter added and started → both removed again (their processes exit). Every
+//! acknowledged write is on the remaining member afterwards, and the added members
+//! served the data while they were in.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
+use concord_integration::{connect, etcdctl};
+use etcd_client::GetOptions;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn ctl(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let out = etcdctl(endpoint, args, None).expect("etcdctl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The id of the member with `peer_url`, as `member list` shows it.
+async fn id_of(endpoint: &str, peer_url: &str) -> u64 {
+    let mut c = connect(endpoint).await.unwrap();
+    let list = c.member_list().await.unwrap();
+    list.members()
+        .iter()
+        .find(|m| m.peer_urls().iter().any(|u| u == peer_url))
+        .map(|m| m.id())
+        .expect("the member is listed")
+}
+
+/// Keeps putting `w/<n>` through `endpoint` until stopped; returns the acknowledged
+/// keys and how many puts had an unknown outcome.
+fn writer(endpoint: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<u64>, u64)> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut unknown = 0;
+        let mut n = 0u64;
+        let mut c = connect(&endpoint).await.unwrap();
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            match c.put(format!("w/{n:08}"), n.to_string(), None).await {
+                Ok(_) => acked.push(n),
+                Err(_) => unknown += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (acked, unknown)
+    })
+}
+
+#[tokio::test]
+async fn grow_to_three_with_a_promoted_learner_and_shrink_back_without_losing_writes() {
+    let mut c = Cluster::start(
+        Kind::Concord,
+        ClusterOptions {
+            size: 1,
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = c.endpoint(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(first.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A learner: added, started, promoted once it has caught up.
+    let (two, two_url) = c.prepare_member();
+    let (ok, out) = ctl(
+        &first,
+        &[
+            "member",
+            "add",
+            "n2",
+            "--learner",
+            &format!("--peer-urls={two_url}"),
+        ],
+    );
+    assert!(ok, "member add --learner: {out}");
+    assert!(out.contains("added to cluster"), "{out}");
+    let two_id = id_of(&first, &two_url).await;
+    let (_, list) = ctl(&first, &["member", "list"]);
+    assert!(
+        list.contains("unstarted") && list.contains("true"),
+        "{list}"
+    );
+    c.start_added(two).await.unwrap();
+    // Writes go on with a learner in the cluster.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let promoted = Arc::new(Mutex::new(String::new()));
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (ok, out) = ctl(&first, &["member", "promote", &format!("{two_id:x}")]);
+        if ok {
+            assert!(out.contains("promoted"), "{out}");
+            *promoted.lock().unwrap() = out;
+            break;
+        }
+        assert!(
+            out.contains("can only promote a learner member which is in sync with leader"),
+            "member promote: {out}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out) = ctl(&first, &["member", "promote", &format!("{two_id:x}")]);
+    assert!(
+        !ok && out.contains("can only promote a learner member"),
+        "{out}"
+    );
+
+    // A voter.
+    let (three, three_url) = c.prepare_member();
+    let (ok, out) = ctl(
+        &first,
+        &["member", "add", "n3", &format!("--peer-urls={three_url}")],
+    );
+    assert!(ok, "member add: {out}");
+    c.start_added(three).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let three_id = id_of(&first, &three_url).await;
+
+    // Everyone sees three started voters, and the new members serve the data.
+    let ready = concord_integration::wait_until(DEADLINE, "three started members", || {
+        let endpoint = c.endpoint(three);
+        async move {
+            let (ok, out) = ctl(&endpoint, &["member", "list"]);
+            anyhow::ensure!(ok && out.lines().count() == 3, "{out}");
+            anyhow::ensure!(!out.contains("unstarted") && !out.contains("true"), "{out}");
+            Ok(())
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "member list: {ready:?}");
+    for i in [two, three] {
+        let served = concord_integration::wait_until(DEADLINE, "a new member serving", || {
+            let endpoint = c.endpoint(i);
+            async move {
+                let r = connect(&endpoint)
+                    .await?
+                    .get(
+                        "w/",
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await?;
+                anyhow::ensure!(r.count() > 0, "no data");
+                Ok(())
+            }
+        })
+        .await;
+        if let Err(e) = served {
+            c.print_logs();
+            panic!("n{} does not serve: {e:#}", i + 1);
+        }
+    }
+    let (ok, out) = ctl(&c.endpoint(two), &["put", "via-n2", "v"]);
+    assert!(ok, "a write through a new member: {out}");
+
+    // Shrink back: remove n3, then n2; each stops.
+    for (i, id) in [(three, three_id), (two, two_id)] {
+        let (ok, out) = ctl(&first, &["member", "remove", &format!("{id:x}")]);
+        assert!(ok, "member remove: {out}");
+        assert!(out.contains("removed from cluster"), "{out}");
+        c.members[i].retired = true;
+        let exited =
+            concord_integration::wait_until(DEADLINE, "the removed member to exit", || {
+                let endpoint = c.endpoint(i);
+                async move {
+                    anyhow::ensure!(
+                        connect(&endpoint).await.is_err()
+                            || connect(&endpoint).await?.status().await.is_err(),
+                        "still serving"
+                    );
+                    Ok(())
+                }
+            })
+            .await;
+        assert!(exited.is_ok(), "n{} still serves after its removal", i + 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (ok, out) = ctl(&first, &["member", "remove", &format!("{two_id:x}")]);
+    assert!(!ok && out.contains("member not found"), "{out}");
+
+    stop.store(true, Ordering::SeqCst);
+    let (acked, unknown) = w.await.unwrap();
+    let mut cl = connect(&first).await.unwrap();
+    let all = cl
+        .get("w/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let present: std::collections::HashSet<String> = all
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&u64> = acked
+        .iter()
+        .filter(|n| !present.contains(&format!("w/{n:08}")))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(
+        cl.get("via-n2", None).await.unwrap().kvs().len(),
+        1,
+        "the write through n2 survived its removal"
+    );
+    let (_, list) = ctl(&first, &["member", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    eprintln!(
+        "{} writes acknowledged, {unknown} unknown, none lost; promoted: {}",
+        acked.len(),
+        promoted.lock().unwrap().trim()
+    );
+}
