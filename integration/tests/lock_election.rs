@@ -3,10 +3,9 @@
 //! scenario runs against both with the same assertions, and every rejected request must
 //! get etcd's gRPC code and text.
 //!
-//! Scenarios that need leases (a lock or candidacy bound to a lease, `etcdctl lock` and
-//! `etcdctl elect`, which always make a session lease) run against etcd always, and
-//! against Concord as soon as it answers `LeaseGrant` (they are skipped, saying so,
-//! while its Lease service is `Unimplemented`).
+//! With leases: a lock or candidacy bound to a lease, lease 0 (a new 60 s lease per
+//! request), and `etcdctl lock` / `etcdctl elect` (client-side recipes over KV, Watch
+//! and a session lease), compared with etcd's output.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -42,22 +41,6 @@ async fn servers() -> Servers {
         _concord: concord,
         _etcd: etcd,
         list,
-    }
-}
-
-/// Whether the server grants leases (Concord's Lease service is not there yet).
-async fn has_leases(name: &str, ep: &str) -> bool {
-    let mut c = connect(ep).await.unwrap();
-    match c.lease_grant(5, None).await {
-        Ok(g) => {
-            c.lease_revoke(g.id()).await.unwrap();
-            true
-        }
-        Err(ClientError::GRpcStatus(s)) if s.code() == Code::Unimplemented => {
-            eprintln!("SKIPPED on {name}: no Lease service yet ({})", s.message());
-            false
-        }
-        Err(e) => panic!("{name}: LeaseGrant failed: {e:?}"),
     }
 }
 
@@ -148,7 +131,7 @@ async fn lock_uncontended(server: &str, ep: &str) {
     let again = c.unlock(key.as_str()).await.unwrap();
     assert_eq!(revision_of(again.header()), h.revision() + 1, "{server}");
 
-    // Two lease-less lockers never share a key.
+    // Two lockers without a lease of their own never share a key.
     let a = c.lock("u", None).await.unwrap();
     let mut c2 = c.clone();
     let b = tokio::spawn(async move { c2.lock("u", None).await.unwrap() });
@@ -726,31 +709,58 @@ async fn leased(server: &str, ep: &str) {
 async fn locks_and_candidacies_bound_to_leases() {
     let s = servers().await;
     for (name, ep) in &s.list {
-        if has_leases(name, ep).await {
-            leased(name, ep).await;
-        }
+        leased(name, ep).await;
     }
 }
 
-/// etcd runs each Lock and Campaign with lease 0 in a session of its own: a new lease
-/// of 60 s that nobody keeps alive, which names the key. Pinned against etcd; Concord
-/// keys such requests by a fresh id without a lease until it has a Lease service (then
-/// this runs against it too, once the services grant the lease).
-#[tokio::test]
-async fn lease_zero_means_a_new_sixty_second_lease_in_etcd() {
-    let etcd = Etcd::start().await.unwrap();
-    let mut c = connect(&etcd.endpoint()).await.unwrap();
+/// etcd runs each Lock, Campaign and Proclaim with lease 0 in a session of its own: a
+/// new lease of 60 s that nobody keeps alive, which names the key (and, for Proclaim,
+/// becomes the key's lease).
+async fn lease_zero(server: &str, ep: &str) {
+    let mut c = connect(ep).await.unwrap();
     let l = c.lock("z", None).await.unwrap();
     let got = c.get(l.key(), None).await.unwrap();
     let lease = got.kvs()[0].lease();
-    assert!(lease > 0);
-    assert_eq!(l.key(), format!("z/{lease:x}").as_bytes());
+    assert!(lease > 0, "{server}");
+    assert_eq!(l.key(), format!("z/{lease:x}").as_bytes(), "{server}");
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();
-    assert_eq!(ttl.granted_ttl(), 60);
+    assert_eq!(ttl.granted_ttl(), 60, "{server}");
+
     let won = c.campaign("ze", "v", 0).await.unwrap();
-    let k = won.leader().unwrap();
-    assert!(k.lease() > 0 && k.lease() != lease);
-    assert_eq!(k.key(), format!("ze/{:x}", k.lease()).as_bytes());
+    let k = won.leader().unwrap().clone();
+    assert!(k.lease() > 0 && k.lease() != lease, "{server}");
+    assert_eq!(
+        k.key(),
+        format!("ze/{:x}", k.lease()).as_bytes(),
+        "{server}"
+    );
+    let got = c.get(k.key(), None).await.unwrap();
+    assert_eq!(got.kvs()[0].lease(), k.lease(), "{server}");
+
+    c.proclaim(
+        "w",
+        Some(ProclaimOptions::new().with_leader(k.clone().with_lease(0))),
+    )
+    .await
+    .unwrap();
+    let got = c.get(k.key(), None).await.unwrap();
+    let kv = &got.kvs()[0];
+    assert_eq!(kv.value(), b"w");
+    let relet = kv.lease();
+    assert!(
+        relet > 0 && relet != k.lease(),
+        "{server}: proclaimed under a new lease"
+    );
+    let ttl = c.lease_time_to_live(relet, None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 60, "{server}");
+}
+
+#[tokio::test]
+async fn lease_zero_means_a_new_sixty_second_lease() {
+    let s = servers().await;
+    for (name, ep) in &s.list {
+        lease_zero(name, ep).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -950,10 +960,8 @@ v2
 async fn etcdctl_lock_and_elect_match_etcd() {
     let s = servers().await;
     for (name, ep) in &s.list {
-        if has_leases(name, ep).await {
-            let t = etcdctl_transcript(ep).await;
-            assert_eq!(t, ETCDCTL_TRANSCRIPT, "{name}");
-        }
+        let t = etcdctl_transcript(ep).await;
+        assert_eq!(t, ETCDCTL_TRANSCRIPT, "{name}");
     }
 }
 

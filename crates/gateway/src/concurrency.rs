@@ -1,27 +1,25 @@
 //! What the Lock and Election services share: the building blocks of etcd's
 //! `clientv3/concurrency` recipes (session keys, "first/last created under a prefix",
-//! waiting for the deletion of every older key), done over the [`KvBackend`] and
-//! [`WatchBackend`] the way etcd's `v3lock`/`v3election` servers do them over their
-//! embedded client.
+//! waiting for the deletion of every older key), done over the [`KvBackend`],
+//! [`WatchBackend`] and [`LeaseBackend`] the way etcd's `v3lock`/`v3election` servers
+//! do them over their embedded client.
 //!
 //! etcd's servers return their client's errors to the caller as plain Go errors, so a
 //! gRPC client sees them with code `Unknown` and etcd's text (`etcdserver: requested
 //! lease not found`, `election: no leader`, ...); [`etcd`] makes that mapping.
 
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use concord_proto::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest, compare, range_request,
+    Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RangeResponse,
+    RequestOp, ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest, compare, range_request,
     request_op, response_op, watch_create_request::FilterType,
 };
 use concord_proto::mvccpb::{KeyValue, event::EventType};
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::backend::{KvBackend, WatchBackend};
+use crate::backend::{KvBackend, LeaseBackend, WatchBackend};
 use crate::error::Error;
 use crate::kv::txn_writes;
 use crate::validate::{Limits, check_range, check_txn};
@@ -51,64 +49,39 @@ pub(crate) fn recipe_error(text: &'static str) -> Status {
     Status::new(Code::Unknown, text)
 }
 
-/// The lease a request's key is written with, and the id that names the key, as
-/// etcd's servers get them from a `concurrency.Session`.
+/// The lease a request's key is written with, which also names the key, as etcd's
+/// servers get it from a `concurrency.Session`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Session {
-    /// The key's last path element, in hex.
-    pub id: i64,
-    /// The lease the key is put with.
     pub lease: i64,
-    /// Made for this request: a key already named by `id` is somebody else's.
-    pub fresh: bool,
 }
 
-/// How many fresh sessions a request tries before giving up on finding an unused key.
-pub(crate) const FRESH_ATTEMPTS: usize = 8;
+/// The TTL of the lease etcd's servers grant a request that brings none (clientv3
+/// `concurrency`'s default session TTL, in seconds).
+pub(crate) const SESSION_TTL: i64 = 60;
 
-/// A caller's lease is used as given (its key is `name/<lease>`, and a second request
-/// with the same lease finds the same key). For lease 0 etcd grants a new 60 s lease
-/// for the request; without a lease service here, the key gets a fresh id and no lease
-/// (it stays until it is unlocked, resigned or deleted).
-pub(crate) fn session(lease: i64) -> Session {
+/// A caller's lease is used as given: its key is `name/<lease>`, and a second request
+/// with the same lease finds the same key. For lease 0 etcd grants a new lease of 60 s
+/// for the request and never keeps it alive, so such a key goes away a minute later
+/// unless the caller deletes it first.
+pub(crate) async fn session<B: LeaseBackend + ?Sized>(
+    backend: &B,
+    lease: i64,
+) -> Result<Session, Status> {
     if lease != 0 {
-        return Session {
-            id: lease,
-            lease,
-            fresh: false,
-        };
+        return Ok(Session { lease });
     }
-    Session {
-        id: fresh_id(),
-        lease: 0,
-        fresh: true,
+    let granted = backend
+        .lease_grant(LeaseGrantRequest {
+            ttl: SESSION_TTL,
+            id: 0,
+        })
+        .await
+        .map_err(etcd)?;
+    if !granted.error.is_empty() {
+        return Err(Status::new(Code::Unknown, granted.error));
     }
-}
-
-/// A positive id unlikely to be chosen by any other request of any process (seeded from
-/// the clock and pid, then splitmix64 over a counter). The txn that creates a key only
-/// succeeds if the key is new, so a clash costs a retry, never a shared key.
-fn fresh_id() -> i64 {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        nanos ^ (u64::from(std::process::id()) << 40)
-    });
-    let mut z = seed.wrapping_add(
-        COUNTER
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_add(1)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    // Positive and non-zero, as a lease id is.
-    ((z >> 1) as i64).max(1)
+    Ok(Session { lease: granted.id })
 }
 
 /// An id in hex the way Go's `%x` prints a signed integer (`-1` for -1).
@@ -127,10 +100,10 @@ pub(crate) fn prefix(name: &[u8]) -> Vec<u8> {
     p
 }
 
-/// `prefix/<id in hex>`.
+/// `prefix/<lease in hex>`.
 pub(crate) fn session_key(pfx: &[u8], s: &Session) -> Vec<u8> {
     let mut k = pfx.to_vec();
-    k.extend_from_slice(go_hex(s.id).as_bytes());
+    k.extend_from_slice(go_hex(s.lease).as_bytes());
     k
 }
 
@@ -365,17 +338,6 @@ mod tests {
         assert_eq!(prefix_end(b"/"), b"0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff\xff"), b"\0");
-    }
-
-    #[test]
-    fn fresh_sessions_differ_and_look_like_leases() {
-        let ids: std::collections::HashSet<i64> = (0..1000).map(|_| session(0).id).collect();
-        assert_eq!(ids.len(), 1000);
-        assert!(ids.iter().all(|&id| id > 0));
-        let s = session(0x1234);
-        assert_eq!((s.id, s.lease, s.fresh), (0x1234, 0x1234, false));
-        assert!(session(0).fresh);
-        assert_eq!(session(0).lease, 0);
     }
 
     #[test]

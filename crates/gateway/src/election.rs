@@ -1,10 +1,11 @@
 //! The `v3electionpb.Election` service: etcd's leader election
-//! (`clientv3/concurrency.Election`) served over the KV and Watch backends, as etcd's
-//! `v3election` server does.
+//! (`clientv3/concurrency.Election`) served over the KV, Watch and Lease backends, as
+//! etcd's `v3election` server does.
 //!
-//! A candidate's key is `name/<lease in hex>` holding its proposal; the leader is the
-//! oldest key under `name/`. Campaign returns once every older key is deleted; the
-//! leader's key (with its create revision) proves leadership to Proclaim and Resign.
+//! A candidate's key is `name/<lease in hex>` holding its proposal (lease 0: a new 60 s
+//! lease, as etcd's server grants); the leader is the oldest key under `name/`.
+//! Campaign returns once every older key is deleted; the leader's key (with its create
+//! revision) proves leadership to Proclaim and Resign.
 //! Observe streams the leader's key: now, on every change, and each next leader's.
 
 use std::pin::Pin;
@@ -21,16 +22,16 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::backend::{KvBackend, WatchBackend};
+use crate::backend::{KvBackend, LeaseBackend, WatchBackend};
 use crate::concurrency::{
-    Cleanup, FRESH_ATTEMPTS, MISSING_LEADER, NO_LEADER, NOT_LEADER, created_at, etcd,
-    first_created, get, header_of, op_delete, op_put, op_range, prefix, prefix_end, range,
-    range_kvs, recipe_error, session, session_key, txn, wait_deletes,
+    Cleanup, MISSING_LEADER, NO_LEADER, NOT_LEADER, created_at, etcd, first_created, get,
+    header_of, op_delete, op_put, op_range, prefix, prefix_end, range, range_kvs, recipe_error,
+    session, session_key, txn, wait_deletes,
 };
 use crate::error::Error;
 use crate::validate::Limits;
 
-/// Serves Election over a backend with KV and Watch.
+/// Serves Election over a backend with KV, Watch and Lease.
 pub struct ElectionService<B: ?Sized> {
     backend: Arc<B>,
     limits: Limits,
@@ -84,7 +85,7 @@ impl<B: KvBackend + WatchBackend + ?Sized> ElectionService<B> {
 }
 
 #[tonic::async_trait]
-impl<B: KvBackend + WatchBackend + ?Sized> Election for ElectionService<B> {
+impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionService<B> {
     type ObserveStream = ObserveStream;
 
     async fn campaign(
@@ -94,61 +95,53 @@ impl<B: KvBackend + WatchBackend + ?Sized> Election for ElectionService<B> {
         let CampaignRequest { name, lease, value } = req.into_inner();
         let pfx = prefix(&name);
         let backend = &*self.backend;
-        for _ in 0..FRESH_ATTEMPTS {
-            let s = session(lease);
-            let key = session_key(&pfx, &s);
-            let resp = txn(
-                backend,
-                &self.limits,
-                TxnRequest {
-                    compare: vec![created_at(&key, 0)],
-                    success: vec![op_put(&key, value.clone(), s.lease)],
-                    failure: vec![op_range(get(&key))],
-                },
-            )
-            .await?;
-            if !resp.succeeded && s.fresh {
-                continue;
-            }
-            // The response carries the header of this first txn, whatever follows.
-            let header = header_of(&resp.header);
-            let rev = if resp.succeeded {
-                header.revision
-            } else {
-                // Campaigning again with the same lease: the same key and place in
-                // line, with the new value proclaimed.
-                let Some(kv) = range_kvs(&resp, 0).first() else {
-                    return Err(etcd(Error::Internal("campaign key vanished".into())));
-                };
-                let rev = kv.create_revision;
-                if kv.value != value
-                    && let Err(e) = self.proclaim_as(&key, rev, s.lease, value).await
-                {
-                    let _ = backend.txn(resign_txn(&key, rev)).await;
-                    return Err(e);
-                }
-                rev
+        let s = session(backend, lease).await?;
+        let key = session_key(&pfx, &s);
+        let resp = txn(
+            backend,
+            &self.limits,
+            TxnRequest {
+                compare: vec![created_at(&key, 0)],
+                success: vec![op_put(&key, value.clone(), s.lease)],
+                failure: vec![op_range(get(&key))],
+            },
+        )
+        .await?;
+        // The response carries the header of this first txn, whatever follows.
+        let header = header_of(&resp.header);
+        let rev = if resp.succeeded {
+            header.revision
+        } else {
+            // Campaigning again with the same lease: the same key and place in line,
+            // with the new value proclaimed.
+            let Some(kv) = range_kvs(&resp, 0).first() else {
+                return Err(etcd(Error::Internal("campaign key vanished".into())));
             };
+            let rev = kv.create_revision;
+            if kv.value != value
+                && let Err(e) = self.proclaim_as(&key, rev, s.lease, value).await
+            {
+                let _ = backend.txn(resign_txn(&key, rev)).await;
+                return Err(e);
+            }
+            rev
+        };
 
-            // A client that stops waiting withdraws its candidacy; other errors leave
-            // the key in place, as etcd does.
-            let mut withdraw = Cleanup::new(self.backend.clone(), resign_txn(&key, rev));
-            let waited = wait_deletes(backend, &pfx, rev - 1).await;
-            withdraw.disarm();
-            waited?;
-            return Ok(Response::new(CampaignResponse {
-                header: Some(header),
-                leader: Some(LeaderKey {
-                    name,
-                    key,
-                    rev,
-                    lease: s.lease,
-                }),
-            }));
-        }
-        Err(etcd(Error::Internal(
-            "concord: no unused election key found".into(),
-        )))
+        // A client that stops waiting withdraws its candidacy; other errors leave the
+        // key in place, as etcd does.
+        let mut withdraw = Cleanup::new(self.backend.clone(), resign_txn(&key, rev));
+        let waited = wait_deletes(backend, &pfx, rev - 1).await;
+        withdraw.disarm();
+        waited?;
+        Ok(Response::new(CampaignResponse {
+            header: Some(header),
+            leader: Some(LeaderKey {
+                name,
+                key,
+                rev,
+                lease: s.lease,
+            }),
+        }))
     }
 
     async fn proclaim(
@@ -157,7 +150,8 @@ impl<B: KvBackend + WatchBackend + ?Sized> Election for ElectionService<B> {
     ) -> Result<Response<ProclaimResponse>, Status> {
         let ProclaimRequest { leader, value } = req.into_inner();
         let leader = leader.ok_or_else(|| recipe_error(MISSING_LEADER))?;
-        let s = session(leader.lease);
+        // Lease 0 gets a new lease here too, and the key is put with it, as in etcd.
+        let s = session(&*self.backend, leader.lease).await?;
         let header = self
             .proclaim_as(&leader.key, leader.rev, s.lease, value)
             .await?;
@@ -208,7 +202,8 @@ impl<B: KvBackend + WatchBackend + ?Sized> Election for ElectionService<B> {
             .into_inner()
             .leader
             .ok_or_else(|| recipe_error(MISSING_LEADER))?;
-        // Not being the leader (any more) is no error: the txn just does nothing.
+        // Not being the leader (any more) is no error: the txn just does nothing. (etcd
+        // also grants a lease here for lease 0, which nothing uses; that is skipped.)
         let resp = txn(
             &*self.backend,
             &self.limits,

@@ -8,7 +8,7 @@
 //!
 //! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`,
 //! `grpc.health.v1.Health`, and `v3lockpb.Lock` and `v3electionpb.Election`, which are
-//! etcd's concurrency recipes done over the KV and Watch backends), the HTTP
+//! etcd's concurrency recipes done over the KV, Watch and Lease backends), the HTTP
 //! endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`), and the
 //! composition of both into one router ([`router`]).
 //!

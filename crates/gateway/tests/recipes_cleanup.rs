@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_gateway::{
-    ElectionService, Error, KvBackend, Limits, LockService, Result, WatchBackend, WatchSession,
-    async_trait,
+    ElectionService, Error, KvBackend, LeaseBackend, Limits, LockService, Result, WatchBackend,
+    WatchSession, async_trait,
 };
 use concord_proto::etcdserverpb::*;
 use concord_proto::mvccpb::KeyValue;
@@ -18,12 +18,15 @@ use tonic::Request;
 
 /// The revision every write and read of the fake answers with.
 const REV: i64 = 10;
+/// The id of every lease the fake grants.
+const GRANTED: i64 = 0x2b;
 
 #[derive(Default)]
 struct Fake {
     /// An older key under every prefix, or none (an empty election).
     holder: Option<KeyValue>,
     txns: Mutex<Vec<TxnRequest>>,
+    grants: Mutex<Vec<LeaseGrantRequest>>,
     open_watches: Arc<AtomicUsize>,
     watches_opened: AtomicUsize,
 }
@@ -133,6 +136,43 @@ impl KvBackend for Fake {
     }
 }
 
+#[async_trait]
+impl LeaseBackend for Fake {
+    async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        self.grants.lock().unwrap().push(req);
+        Ok(LeaseGrantResponse {
+            header: header(),
+            id: GRANTED,
+            ttl: req.ttl,
+            error: String::new(),
+        })
+    }
+
+    async fn lease_revoke(&self, _: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        Err(Error::Unimplemented("revoke".into()))
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        _: LeaseKeepAliveRequest,
+        _: bool,
+    ) -> Result<LeaseKeepAliveResponse> {
+        Err(Error::Unimplemented("keep-alive".into()))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        _: LeaseTimeToLiveRequest,
+        _: bool,
+    ) -> Result<LeaseTimeToLiveResponse> {
+        Err(Error::Unimplemented("ttl".into()))
+    }
+
+    async fn lease_leases(&self, _: LeaseLeasesRequest) -> Result<LeaseLeasesResponse> {
+        Err(Error::Unimplemented("leases".into()))
+    }
+}
+
 /// A watch on which nothing ever happens; counts itself open until dropped.
 struct Quiet(Arc<AtomicUsize>);
 
@@ -170,9 +210,10 @@ async fn settle() {
 async fn an_abandoned_lock_closes_its_watch_and_leaves_the_line() {
     let fake = Arc::new(Fake::holding());
     let svc = LockService::new(fake.clone(), Limits::default());
+    // Lease 0: the lock gets a 60 s lease of its own, which names its key.
     let req = Request::new(LockRequest {
         name: b"l".to_vec(),
-        lease: 0x2a,
+        lease: 0,
     });
     let waited = tokio::time::timeout(Duration::from_millis(200), svc.lock(req)).await;
     assert!(waited.is_err(), "the lock is held by an older key");
@@ -184,7 +225,10 @@ async fn an_abandoned_lock_closes_its_watch_and_leaves_the_line() {
     let Some(request_op::Request::RequestDeleteRange(d)) = &deletes[0].success[0].request else {
         unreachable!()
     };
-    assert_eq!(d.key, b"l/2a");
+    assert_eq!(d.key, b"l/2b");
+    let grants = fake.grants.lock().unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].ttl, grants[0].id), (60, 0));
 }
 
 #[tokio::test]
@@ -208,6 +252,10 @@ async fn an_abandoned_campaign_closes_its_watch_and_withdraws() {
     assert_eq!(
         cmp.target_union,
         Some(compare::TargetUnion::CreateRevision(REV))
+    );
+    assert!(
+        fake.grants.lock().unwrap().is_empty(),
+        "its own lease is used"
     );
 }
 
