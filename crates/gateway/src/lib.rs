@@ -7,9 +7,10 @@
 //! if any, turned into etcd's gRPC code and text in one place ([`Error`]).
 //!
 //! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`,
-//! `grpc.health.v1.Health`),
-//! the HTTP endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`),
-//! and the composition of both into one router ([`router`]).
+//! `grpc.health.v1.Health`, and `v3lockpb.Lock` and `v3electionpb.Election`, which are
+//! etcd's concurrency recipes done over the KV, Watch and Lease backends), the HTTP
+//! endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`), and the
+//! composition of both into one router ([`router`]).
 //!
 //! Not: storage, consensus, or anything that knows how the data is kept; it depends on
 //! no other Concord crate than `concord-proto`. Put it in front of a different backend
@@ -17,12 +18,15 @@
 //! [`ClusterBackend`] and [`HealthBackend`].
 
 mod backend;
+mod concurrency;
+mod election;
 mod error;
 mod health;
 pub mod http;
 mod kv;
 mod lease;
 mod listener;
+mod lock;
 mod maintenance;
 mod validate;
 mod watch;
@@ -36,16 +40,20 @@ use concord_proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use concord_proto::grpc::health::v1::health_server::HealthServer;
+use concord_proto::v3electionpb::election_server::ElectionServer;
+use concord_proto::v3lockpb::lock_server::LockServer;
 
 pub use backend::{
     ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend,
     WatchSession,
 };
+pub use election::ElectionService;
 pub use error::{Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
 pub use lease::{FORWARDED_KEY, LeaseService};
 pub use listener::ClientListener;
+pub use lock::LockService;
 pub use maintenance::{ClusterService, MaintenanceService};
 /// The attribute the backend traits are declared with; implementors use it too, so they
 /// need no direct tonic dependency.
@@ -77,12 +85,19 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
     let cluster =
         ClusterServer::new(ClusterService::new(backend.clone())).max_decoding_message_size(max);
     let health = HealthServer::new(HealthService::new(backend.clone()));
+    let lock = LockServer::from_arc(Arc::new(LockService::new(backend.clone(), limits)))
+        .max_decoding_message_size(max);
+    let election =
+        ElectionServer::from_arc(Arc::new(ElectionService::new(backend.clone(), limits)))
+            .max_decoding_message_size(max);
     let grpc = tonic::service::Routes::new(kv)
         .add_service(watch)
         .add_service(lease)
         .add_service(maintenance)
         .add_service(cluster)
         .add_service(health)
+        .add_service(lock)
+        .add_service(election)
         .into_axum_router();
     grpc.merge(http::router(backend)).fallback(fallback)
 }
