@@ -221,3 +221,140 @@ async fn grow_to_three_with_a_promoted_learner_and_shrink_back_without_losing_wr
         promoted.lock().unwrap().trim()
     );
 }
+
+fn outcome<T>(r: Result<T, etcd_client::Error>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(etcd_client::Error::GRpcStatus(s)) => format!("{:?} {}", s.code(), s.message()),
+        Err(e) => format!("client error {e}"),
+    }
+}
+
+/// Every Cluster RPC's refusals on a one-member cluster, with an unstarted learner.
+async fn member_transcript(c: &mut etcd_client::Client, own_peer: &str) -> Vec<String> {
+    use etcd_client::MemberAddOptions;
+    let mut out = Vec::new();
+    let me = c.member_list().await.unwrap().members()[0].id();
+    let free = format!("http://127.0.0.1:{}", concord_integration::free_port());
+    out.push(format!(
+        "add existing peer URL: {}",
+        outcome(c.member_add([own_peer], None).await)
+    ));
+    out.push(format!(
+        "remove unknown: {}",
+        outcome(c.member_remove(0x1234).await)
+    ));
+    out.push(format!(
+        "promote a voter: {}",
+        outcome(c.member_promote(me).await)
+    ));
+    let added = c
+        .member_add([free.as_str()], Some(MemberAddOptions::new().with_is_learner()))
+        .await
+        .unwrap();
+    let learner = added.member().unwrap().clone();
+    out.push(format!(
+        "add learner: learner={} listed={}",
+        learner.is_learner(),
+        added.members().len()
+    ));
+    out.push(format!(
+        "promote an unstarted learner: {}",
+        outcome(c.member_promote(learner.id()).await)
+    ));
+    let other = format!("http://127.0.0.1:{}", concord_integration::free_port());
+    out.push(format!(
+        "second learner: {}",
+        outcome(
+            c.member_add([other.as_str()], Some(MemberAddOptions::new().with_is_learner()))
+                .await
+        )
+    ));
+    let moved = format!("http://127.0.0.1:{}", concord_integration::free_port());
+    out.push(format!(
+        "update: {}",
+        outcome(c.member_update(learner.id(), [moved.as_str()]).await)
+    ));
+    let listed = c.member_list().await.unwrap();
+    let now = listed
+        .members()
+        .iter()
+        .find(|m| m.id() == learner.id())
+        .unwrap();
+    out.push(format!(
+        "after update: moved={} name={:?} learner={}",
+        now.peer_urls() == [moved.clone()],
+        now.name(),
+        now.is_learner()
+    ));
+    out.push(format!(
+        "update unknown: {}",
+        outcome(c.member_update(0x1234, [moved.as_str()]).await)
+    ));
+    out.push(format!(
+        "remove learner: {}",
+        outcome(c.member_remove(learner.id()).await)
+    ));
+    out.push(format!(
+        "members: {}",
+        c.member_list().await.unwrap().members().len()
+    ));
+    out
+}
+
+#[tokio::test]
+async fn cluster_rpc_errors_match_etcd() {
+    let opts = || ClusterOptions {
+        size: 1,
+        ..ClusterOptions::default()
+    };
+    let etcd = Cluster::start(Kind::Etcd, opts()).await.unwrap();
+    let peer = format!("http://{}", etcd.members[0].peer_advertise);
+    let want = member_transcript(&mut connect(&etcd.endpoint(0)).await.unwrap(), &peer).await;
+    let concord = Cluster::start(Kind::Concord, opts()).await.unwrap();
+    let peer = format!("http://{}", concord.members[0].peer_advertise);
+    let got = member_transcript(&mut connect(&concord.endpoint(0)).await.unwrap(), &peer).await;
+    assert_eq!(got, want);
+    assert!(want[0].contains("Peer URLs already exists"), "{want:?}");
+}
+
+#[tokio::test]
+async fn with_auto_promotion_a_caught_up_learner_becomes_a_voter_by_itself() {
+    let mut c = Cluster::start(
+        Kind::Concord,
+        ClusterOptions {
+            size: 1,
+            extra: vec!["--auto-promote-learners".into()],
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = c.endpoint(0);
+    let mut cl = connect(&first).await.unwrap();
+    for i in 0..200 {
+        cl.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    let (two, url) = c.prepare_member();
+    let (ok, out) = ctl(&first, &["member", "add", "n2", "--learner", &format!("--peer-urls={url}")]);
+    assert!(ok, "{out}");
+    let id = id_of(&first, &url).await;
+    c.start_added(two).await.unwrap();
+    let promoted = concord_integration::wait_until(DEADLINE, "automatic promotion", || {
+        let first = first.clone();
+        async move {
+            let list = connect(&first).await?.member_list().await?;
+            let m = list
+                .members()
+                .iter()
+                .find(|m| m.id() == id)
+                .ok_or_else(|| anyhow::anyhow!("not listed"))?;
+            anyhow::ensure!(!m.is_learner(), "still a learner");
+            Ok(())
+        }
+    })
+    .await;
+    assert!(promoted.is_ok(), "{promoted:?}");
+    let st = connect(&c.endpoint(two)).await.unwrap().status().await.unwrap();
+    assert!(!st.is_learner());
+}

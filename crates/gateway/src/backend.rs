@@ -17,7 +17,6 @@ pub trait KvBackend: Send + Sync + 'static {
     async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse>;
 }
 
-/// The parts of the Maintenance service a backend provides.
 /// The Lease service's backend.
 #[tonic::async_trait]
 pub trait LeaseBackend: Send + Sync + 'static {
@@ -39,6 +38,7 @@ pub trait LeaseBackend: Send + Sync + 'static {
     async fn lease_leases(&self, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse>;
 }
 
+/// The parts of the Maintenance service a backend provides.
 #[tonic::async_trait]
 pub trait MaintenanceBackend: Send + Sync + 'static {
     async fn status(&self) -> Result<StatusResponse>;
