@@ -21,11 +21,13 @@
 mod codec;
 mod error;
 mod index;
+mod maintenance;
 mod snapshot;
 mod store;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use snapshot::Export;
+pub use maintenance::KvHash;
+pub use snapshot::{Export, ImageInfo, inspect_image};
 pub use store::{CompactWait, LeaseLookup, NoLeases, Store, StoreOptions, Writer};
 pub use types::*;

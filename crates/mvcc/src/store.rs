@@ -27,6 +27,8 @@ pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_META: &str = "meta";
 /// Lease records, keyed by the lease id (big-endian); the values are the caller's.
 pub(crate) const CF_LEASE: &str = "lease";
+/// Alarm records (etcd's alarm list), keyed and valued by the caller's bytes.
+pub(crate) const CF_ALARM: &str = "alarm";
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
@@ -117,10 +119,21 @@ impl Shared {
             .expect("meta column family exists")
     }
 
+    /// Every column family, in a fixed order.
+    pub(crate) fn column_families(&self) -> [&ColumnFamily; 4] {
+        [self.kv(), self.meta_cf(), self.lease_cf(), self.alarm_cf()]
+    }
+
     pub(crate) fn lease_cf(&self) -> &ColumnFamily {
         self.db
             .cf_handle(CF_LEASE)
             .expect("lease column family exists")
+    }
+
+    pub(crate) fn alarm_cf(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(CF_ALARM)
+            .expect("alarm column family exists")
     }
 
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -192,7 +205,8 @@ impl Store {
     /// resuming a compaction that was scheduled but not finished.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let opts = db_options();
-        let cfs = [CF_KV, CF_META, CF_LEASE].map(|n| ColumnFamilyDescriptor::new(n, db_options()));
+        let cfs = [CF_KV, CF_META, CF_LEASE, CF_ALARM]
+            .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
         let shared = Arc::new(Shared {
             db,
@@ -267,11 +281,7 @@ impl Store {
         };
         let mut total = 0;
         let mut live = 0;
-        for cf in [
-            self.shared.kv(),
-            self.shared.meta_cf(),
-            self.shared.lease_cf(),
-        ] {
+        for cf in self.shared.column_families() {
             let mem = prop(cf, "rocksdb.cur-size-all-mem-tables");
             total += prop(cf, "rocksdb.total-sst-files-size") + mem;
             live += prop(cf, "rocksdb.estimate-live-data-size") + mem;
@@ -386,6 +396,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Every alarm record ([`Writer::put_alarm`]) in key order: `(key, value)`.
+    pub fn alarms(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let shared = &*self.shared;
+        let mut out = Vec::new();
+        for item in shared
+            .db
+            .iterator_cf(shared.alarm_cf(), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The live keys attached to `lease`, sorted.
     pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
         self.shared.read_state().attached.keys(lease)
@@ -413,6 +437,7 @@ impl Store {
             changes: Vec::new(),
             meta: Vec::new(),
             lease_ops: Vec::new(),
+            alarm_ops: Vec::new(),
             base,
             rev: base,
             compacted,
@@ -849,6 +874,8 @@ pub struct Writer<'a> {
     meta: Vec<(Vec<u8>, Vec<u8>)>,
     /// Lease records to write (`Some`) or remove (`None`) with the batch.
     lease_ops: Vec<(i64, Option<Vec<u8>>)>,
+    /// Alarm records to write (`Some`) or remove (`None`) with the batch.
+    alarm_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Committed revision the batch builds on.
     base: i64,
     /// Newest revision assigned in this batch.
@@ -1165,6 +1192,16 @@ impl Writer<'_> {
         self.lease_ops.push((id, None));
     }
 
+    /// Stores an alarm record with the batch (read them back with [`Store::alarms`]).
+    pub fn put_alarm(&mut self, key: &[u8], value: &[u8]) {
+        self.alarm_ops.push((key.to_vec(), Some(value.to_vec())));
+    }
+
+    /// Removes an alarm record with the batch.
+    pub fn delete_alarm(&mut self, key: &[u8]) {
+        self.alarm_ops.push((key.to_vec(), None));
+    }
+
     /// Deletes every live key attached to `lease` in one write txn (one revision, the
     /// keys in sorted order, as etcd revokes), and returns the revision after it.
     pub fn delete_leased_keys(&mut self, lease: i64) -> Result<i64> {
@@ -1225,6 +1262,7 @@ impl Writer<'_> {
             && self.meta.is_empty()
             && self.compactions.is_empty()
             && self.lease_ops.is_empty()
+            && self.alarm_ops.is_empty()
         {
             return Ok(());
         }
@@ -1244,6 +1282,12 @@ impl Writer<'_> {
             match v {
                 Some(v) => batch.put_cf(shared.lease_cf(), id.to_be_bytes(), v),
                 None => batch.delete_cf(shared.lease_cf(), id.to_be_bytes()),
+            }
+        }
+        for (k, v) in &self.alarm_ops {
+            match v {
+                Some(v) => batch.put_cf(shared.alarm_cf(), k, v),
+                None => batch.delete_cf(shared.alarm_cf(), k),
             }
         }
         if let Some((rev, _)) = self.compactions.last() {
@@ -1282,6 +1326,7 @@ impl Writer<'_> {
         self.overlay.clear();
         self.meta.clear();
         self.lease_ops.clear();
+        self.alarm_ops.clear();
         self.base = self.rev;
         Ok(())
     }
