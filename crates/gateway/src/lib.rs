@@ -38,8 +38,8 @@ use concord_proto::etcdserverpb::{
 use concord_proto::grpc::health::v1::health_server::HealthServer;
 
 pub use backend::{
-    ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend,
-    WatchSession,
+    ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, SnapshotImage,
+    WatchBackend, WatchSession,
 };
 pub use error::{Error, Result};
 pub use health::HealthService;

@@ -17,6 +17,7 @@ use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 
+use crate::alarm::Alarms;
 use crate::convert;
 use crate::lease::{self, Lessor};
 
@@ -27,6 +28,8 @@ const TAG_COMPACT: u8 = 4;
 const TAG_LEASE_GRANT: u8 = 5;
 const TAG_LEASE_REVOKE: u8 = 6;
 const TAG_LEASE_CHECKPOINT: u8 = 7;
+/// Maintenance commands are numbered from 16 on.
+const TAG_ALARM: u8 = 16;
 
 /// A write as it travels through the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +43,9 @@ pub enum Command {
     LeaseRevoke(pb::LeaseRevokeRequest),
     /// `(lease id, remaining ms or [`lease::FULL`])`, decided by the primary.
     LeaseCheckpoint(Vec<(i64, i64)>),
+    /// Alarm GET, ACTIVATE or DEACTIVATE (through the log, as etcd, so every member
+    /// lists the same alarms).
+    Alarm(pb::AlarmRequest),
 }
 
 impl Command {
@@ -52,6 +58,7 @@ impl Command {
             Command::LeaseGrant(r) => (TAG_LEASE_GRANT, r.encode_to_vec()),
             Command::LeaseRevoke(r) => (TAG_LEASE_REVOKE, r.encode_to_vec()),
             Command::LeaseCheckpoint(c) => (TAG_LEASE_CHECKPOINT, lease::encode_checkpoints(c)),
+            Command::Alarm(r) => (TAG_ALARM, r.encode_to_vec()),
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(tag);
@@ -76,6 +83,7 @@ impl Command {
                 Command::LeaseRevoke(pb::LeaseRevokeRequest::decode(body).map_err(bad)?)
             }
             TAG_LEASE_CHECKPOINT => Command::LeaseCheckpoint(lease::decode_checkpoints(body)?),
+            TAG_ALARM => Command::Alarm(pb::AlarmRequest::decode(body).map_err(bad)?),
             other => return Err(format!("unknown command tag {other}")),
         })
     }
@@ -98,16 +106,18 @@ pub enum Applied {
     /// The revision after the lease's keys were deleted.
     LeaseRevoke(i64),
     LeaseCheckpoint,
+    Alarm(pb::AlarmResponse),
 }
 
 /// What a proposer gets back: the command's result, or the (deterministic) error it
 /// met, as the client will see it.
 pub type Output = Result<Applied, ApiError>;
 
-/// The KV store and its leases as Raft's state machine.
+/// The KV store, its leases and the alarm list as Raft's state machine.
 pub struct KvMachine {
     store: Arc<mvcc::Store>,
     leases: Arc<Lessor>,
+    alarms: Arc<Alarms>,
     /// Gets every applied revision's changes once they are readable.
     hub: Arc<concord_watch::Hub>,
 }
@@ -116,19 +126,29 @@ impl KvMachine {
     pub fn new(
         store: Arc<mvcc::Store>,
         leases: Arc<Lessor>,
+        alarms: Arc<Alarms>,
         hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
-        KvMachine { store, leases, hub }
+        KvMachine {
+            store,
+            leases,
+            alarms,
+            hub,
+        }
     }
 }
 
-fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, data: &[u8]) -> Output {
+fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, alarms: &Alarms, data: &[u8]) -> Output {
     let cmd = match Command::decode(data) {
         Ok(c) => c,
         // Every member decodes the same bytes the same way, so failing just this
         // command keeps them in step.
         Err(e) => return Err(convert::api_error(mvcc::Error::Corrupt(e))),
     };
+    // The alarm list is replicated state, so every member refuses the same commands.
+    if let Some(e) = alarms.refuse(&cmd) {
+        return Err(e);
+    }
     let store = convert::api_error;
     Ok(match cmd {
         Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases).map_err(store)?),
@@ -153,6 +173,7 @@ fn apply_one(w: &mut mvcc::Writer<'_>, leases: &Lessor, data: &[u8]) -> Output {
             leases.apply_checkpoint(w, &cps);
             Applied::LeaseCheckpoint
         }
+        Command::Alarm(a) => Applied::Alarm(alarms.apply(w, &a)),
     })
 }
 
@@ -167,7 +188,7 @@ impl StateMachine for KvMachine {
         let mut writer = self.store.writer().map_err(|e| e.to_string())?;
         let outputs: Vec<Output> = cmds
             .iter()
-            .map(|c| apply_one(&mut writer, &self.leases, c.data))
+            .map(|c| apply_one(&mut writer, &self.leases, &self.alarms, c.data))
             .collect();
         let last = cmds.last().map(|c| c.index);
         let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
@@ -182,6 +203,7 @@ impl StateMachine for KvMachine {
     fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
         self.store.import(image, index).map_err(|e| e.to_string())?;
         self.leases.reload(&self.store)?;
+        self.alarms.reload(&self.store)?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
@@ -216,6 +238,11 @@ mod tests {
             Command::LeaseGrant(pb::LeaseGrantRequest { ttl: 5, id: 77 }),
             Command::LeaseRevoke(pb::LeaseRevokeRequest { id: 77 }),
             Command::LeaseCheckpoint(vec![(77, 1500), (78, lease::FULL)]),
+            Command::Alarm(pb::AlarmRequest {
+                action: 1,
+                member_id: 5,
+                alarm: 1,
+            }),
         ];
         for c in cmds {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
@@ -237,7 +264,8 @@ mod tests {
             concord_watch::HubOptions::default(),
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases, hub);
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases, alarms, hub);
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -285,7 +313,8 @@ mod tests {
             concord_watch::HubOptions::default(),
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases.clone(), hub);
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases.clone(), alarms, hub);
         let put = |k: &str, lease: i64| {
             Command::Put(pb::PutRequest {
                 key: k.into(),

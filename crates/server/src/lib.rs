@@ -20,10 +20,12 @@
 //! Not: the wire protocol or its checks (`concord-gateway`), revision semantics
 //! (`concord-mvcc`). This crate adds policy, not mechanism.
 
+pub mod alarm;
 pub mod apply;
 pub mod config;
 pub mod convert;
 pub mod lease;
 mod lease_node;
+mod maintenance;
 pub mod node;
 pub mod watch;
