@@ -18,6 +18,10 @@ use crate::types::Revision;
 /// Records looked up in the key index per hold of its lock.
 const HASH_CHUNK: usize = 1_000;
 
+/// A record waiting for the key index to say whether it counts: its revision, its
+/// key, and the stored key and value bytes.
+type Pending = (Revision, Vec<u8>, Box<[u8]>, Box<[u8]>);
+
 /// The answer of [`Store::hash_kv`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvHash {
@@ -58,9 +62,8 @@ impl Store {
         let mut hash = crc32c::crc32c(CF_KV.as_bytes());
         // Records at or below the compacted revision wait here until the index says
         // whether they are still visible at `at`.
-        let mut pending: Vec<(Revision, Vec<u8>, Box<[u8]>, Box<[u8]>)> = Vec::new();
-        let flush = |pending: &mut Vec<(Revision, Vec<u8>, Box<[u8]>, Box<[u8]>)>,
-                     hash: &mut u32| {
+        let mut pending: Vec<Pending> = Vec::new();
+        let flush = |pending: &mut Vec<Pending>, hash: &mut u32| {
             let visible: HashSet<Revision> = {
                 let st = shared.read_state();
                 pending
