@@ -80,6 +80,14 @@ impl Alarms {
             .collect()
     }
 
+    /// Whether `member` has raised `alarm`.
+    pub fn contains(&self, member: u64, alarm: pb::AlarmType) -> bool {
+        self.active
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(member, alarm as i32))
+    }
+
     fn is_active(&self, alarm: i32) -> bool {
         self.active
             .read()

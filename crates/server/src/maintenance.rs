@@ -81,9 +81,14 @@ impl Node {
         if cost == 0 || self.store.db_size() + (cost as i64) < quota {
             return Ok(());
         }
+        let me = self.identity.member_id;
+        if self.alarms.contains(me, pb::AlarmType::Nospace) {
+            // Raised already; the log need not hear it again for every refused write.
+            return Err(ApiError::NoSpace);
+        }
         let raise = pb::AlarmRequest {
             action: pb::alarm_request::AlarmAction::Activate as i32,
-            member_id: self.identity.member_id,
+            member_id: me,
             alarm: pb::AlarmType::Nospace as i32,
         };
         // As etcd, the write fails whether or not raising the alarm worked.
