@@ -379,3 +379,75 @@ mod tests {
         assert_eq!(left.kvs[0].key, b"c");
     }
 }
+
+#[cfg(test)]
+mod alarm_tests {
+    use super::*;
+
+    fn machine(dir: &std::path::Path) -> (KvMachine, Arc<mvcc::Store>) {
+        let store =
+            Arc::new(mvcc::Store::open(dir, mvcc::StoreOptions { sync_writes: false }).unwrap());
+        let hub = Arc::new(concord_watch::Hub::new(
+            Arc::new(crate::watch::StoreHistory(store.clone())),
+            store.current_revision(),
+            concord_watch::HubOptions::default(),
+        ));
+        let leases = Arc::new(Lessor::open(&store).unwrap());
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        (KvMachine::new(store.clone(), leases, alarms, hub), store)
+    }
+
+    fn apply(m: &mut KvMachine, index: u64, cmd: Command) -> Output {
+        let data = cmd.encode();
+        m.apply(&[Committed {
+            index,
+            term: 1,
+            data: &data,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap()
+    }
+
+    fn put() -> Command {
+        Command::Put(pb::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_alarm_in_the_log_gates_writes_and_travels_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _) = machine(&dir.path().join("a"));
+        assert!(apply(&mut a, 1, put()).is_ok());
+        let raise = Command::Alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Activate as i32,
+            member_id: 3,
+            alarm: pb::AlarmType::Nospace as i32,
+        });
+        assert!(matches!(apply(&mut a, 2, raise), Ok(Applied::Alarm(r)) if r.alarms.len() == 1));
+        assert!(matches!(apply(&mut a, 3, put()), Err(ApiError::NoSpace)));
+        let del = Command::DeleteRange(pb::DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        });
+        assert!(apply(&mut a, 4, del).is_ok());
+
+        // A member that installs the snapshot refuses the same writes.
+        let mut image = Vec::new();
+        a.snapshot().unwrap().read_to_end(&mut image).unwrap();
+        let (mut b, _) = machine(&dir.path().join("b"));
+        assert!(apply(&mut b, 1, put()).is_ok());
+        b.restore(&mut &image[..], 4, 1).unwrap();
+        assert!(matches!(apply(&mut b, 5, put()), Err(ApiError::NoSpace)));
+        let disarm = Command::Alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Deactivate as i32,
+            member_id: 3,
+            alarm: pb::AlarmType::Nospace as i32,
+        });
+        assert!(apply(&mut b, 6, disarm).is_ok());
+        assert!(apply(&mut b, 7, put()).is_ok());
+    }
+}
