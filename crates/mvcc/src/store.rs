@@ -204,7 +204,15 @@ impl Store {
     /// Opens (or creates) a store in `path`, rebuilding the key index from disk and
     /// resuming a compaction that was scheduled but not finished.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
-        let opts = db_options();
+        let mut opts = db_options();
+        // Compactions (automatic ones and defragmentation) run in RocksDB's low-priority
+        // pool; at the lowest CPU priority they take what requests leave, so a
+        // defragmentation does not stall the member. (The default environment is
+        // process-wide; this only ever lowers its pool.)
+        if let Ok(mut env) = rocksdb::Env::new() {
+            env.lower_thread_pool_cpu_priority();
+            opts.set_env(&env);
+        }
         let cfs = [CF_KV, CF_META, CF_LEASE, CF_ALARM]
             .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
