@@ -819,3 +819,104 @@ async fn defrag_does_not_stall_a_concurrent_load() {
         b'1'
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_restores_into_a_new_three_member_cluster() {
+    let src = Concord::start().await.unwrap();
+    let mut c = src.client().await.unwrap();
+    for i in 0..30 {
+        c.put(format!("k{:02}", i % 11), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.compact(12, None).await.unwrap();
+    let rev = c
+        .get("k00", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let hash = c.hash_kv(rev).await.unwrap().hash();
+    let want = contents(&mut c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.db");
+    run_ok(
+        concordctl(&[
+            "--endpoints",
+            &src.endpoint(),
+            "snapshot",
+            "save",
+            file.to_str().unwrap(),
+        ])
+        .unwrap(),
+    );
+
+    // A cluster's ports and flags; its members' data is replaced by the backup, each
+    // restored with that member's own flags.
+    let mut cluster = Cluster::start(Kind::Concord, ClusterOptions::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        let args: Vec<String> = cluster.members[i]
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let flag = |name: &str| {
+            let at = args.iter().position(|a| a == name).unwrap();
+            args[at + 1].clone()
+        };
+        std::fs::remove_dir_all(flag("--data-dir")).unwrap();
+        let mut restore = vec!["snapshot".to_string(), "restore".into()];
+        restore.push(file.to_str().unwrap().into());
+        for f in [
+            "--data-dir",
+            "--name",
+            "--initial-cluster",
+            "--initial-cluster-token",
+            "--initial-advertise-peer-urls",
+        ] {
+            restore.push(f.into());
+            restore.push(flag(f));
+        }
+        let restore: Vec<&str> = restore.iter().map(String::as_str).collect();
+        run_ok(concordctl(&restore).unwrap());
+    }
+    for i in 0..3 {
+        cluster.restart(i).await.unwrap();
+    }
+    let leader = cluster.leader().await.unwrap();
+    let mut l = cluster.client(leader).await.unwrap();
+    let r = l.put("after", "restore", None).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), rev + 1);
+    for i in 0..3 {
+        let mut m = cluster.client(i).await.unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            "member applied the new write",
+            || {
+                let mut m = m.clone();
+                async move {
+                    m.hash_kv(rev + 1).await?;
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let h = m.hash_kv(rev).await.unwrap();
+        assert_eq!(
+            (h.hash(), h.compact_version()),
+            (hash, 12),
+            "member n{}",
+            i + 1
+        );
+        let mut got = contents(&mut m).await;
+        got.retain(|kv| kv.0 != b"after");
+        assert_eq!(got, want, "member n{}", i + 1);
+    }
+}
