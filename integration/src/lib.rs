@@ -27,38 +27,53 @@ pub const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// binary (built on first use, so `cargo test` alone is enough).
 pub fn concord_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("CONCORD_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> -> target/<profile>/concord
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile dir");
-        let bin = profile_dir.join("concord");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // `--workspace` keeps the feature set of every build the same, so nothing
-        // (RocksDB above all) is rebuilt for this one binary.
-        cmd.args(["build", "--quiet", "--workspace", "--bin", "concord"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("running cargo build for the concord binary");
-        assert!(status.success(), "cargo build of concord failed");
-        assert!(
-            bin.exists(),
-            "concord binary not found at {}",
-            bin.display()
-        );
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_bin("concord", "CONCORD_BIN"))
+        .clone()
+}
+
+/// The `concordctl` binary: `$CONCORDCTL_BIN`, or built like [`concord_bin`].
+pub fn concordctl_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("concordctl", "CONCORDCTL_BIN"))
+        .clone()
+}
+
+/// `$env`, or the workspace binary `name` next to this test binary, built if needed.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let bin = profile_dir.join(name);
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    // `--workspace` keeps the feature set of every build the same, so nothing
+    // (RocksDB above all) is rebuilt for this one binary.
+    cmd.args(["build", "--quiet", "--workspace", "--bin", name]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {name}: {e}"));
+    assert!(status.success(), "cargo build of {name} failed");
+    assert!(bin.exists(), "{name} binary not found at {}", bin.display());
+    bin
+}
+
+/// Runs `concordctl <args>`.
+pub fn concordctl(args: &[&str]) -> Result<Output> {
+    Command::new(concordctl_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running concordctl")
 }
 
 /// A free TCP port on 127.0.0.1 (the OS picks; the port is released before use).

@@ -82,12 +82,6 @@ async fn rpcs_not_offered_yet_answer_unimplemented_not_hang() {
         panic!("{e:?}")
     };
     assert_eq!(st.code(), tonic::Code::Unimplemented);
-    let e = c.defragment().await.unwrap_err();
-    let etcd_client::Error::GRpcStatus(st) = e else {
-        panic!("{e:?}")
-    };
-    assert_eq!(st.code(), tonic::Code::Unimplemented);
-    assert!(st.message().contains("Defragment"), "{}", st.message());
 }
 
 #[tokio::test]

@@ -249,14 +249,17 @@ async fn member_transcript(c: &mut etcd_client::Client, own_peer: &str) -> Vec<S
         outcome(c.member_promote(me).await)
     ));
     let added = c
-        .member_add([free.as_str()], Some(MemberAddOptions::new().with_is_learner()))
+        .member_add(
+            [free.as_str()],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
         .await
         .unwrap();
     let learner = added.member().unwrap().clone();
     out.push(format!(
         "add learner: learner={} listed={}",
         learner.is_learner(),
-        added.members().len()
+        added.member_list().len()
     ));
     out.push(format!(
         "promote an unstarted learner: {}",
@@ -266,14 +269,17 @@ async fn member_transcript(c: &mut etcd_client::Client, own_peer: &str) -> Vec<S
     out.push(format!(
         "second learner: {}",
         outcome(
-            c.member_add([other.as_str()], Some(MemberAddOptions::new().with_is_learner()))
-                .await
+            c.member_add(
+                [other.as_str()],
+                Some(MemberAddOptions::new().with_is_learner())
+            )
+            .await
         )
     ));
     let moved = format!("http://127.0.0.1:{}", concord_integration::free_port());
     out.push(format!(
         "update: {}",
-        outcome(c.member_update(learner.id(), [moved.as_str()]).await)
+        outcome(c.member_update(learner.id(), vec![moved.clone()]).await)
     ));
     let listed = c.member_list().await.unwrap();
     let now = listed
@@ -289,7 +295,7 @@ async fn member_transcript(c: &mut etcd_client::Client, own_peer: &str) -> Vec<S
     ));
     out.push(format!(
         "update unknown: {}",
-        outcome(c.member_update(0x1234, [moved.as_str()]).await)
+        outcome(c.member_update(0x1234, vec![moved.clone()]).await)
     ));
     out.push(format!(
         "remove learner: {}",
@@ -336,7 +342,16 @@ async fn with_auto_promotion_a_caught_up_learner_becomes_a_voter_by_itself() {
         cl.put(format!("k{i}"), "v", None).await.unwrap();
     }
     let (two, url) = c.prepare_member();
-    let (ok, out) = ctl(&first, &["member", "add", "n2", "--learner", &format!("--peer-urls={url}")]);
+    let (ok, out) = ctl(
+        &first,
+        &[
+            "member",
+            "add",
+            "n2",
+            "--learner",
+            &format!("--peer-urls={url}"),
+        ],
+    );
     assert!(ok, "{out}");
     let id = id_of(&first, &url).await;
     c.start_added(two).await.unwrap();
@@ -355,6 +370,11 @@ async fn with_auto_promotion_a_caught_up_learner_becomes_a_voter_by_itself() {
     })
     .await;
     assert!(promoted.is_ok(), "{promoted:?}");
-    let st = connect(&c.endpoint(two)).await.unwrap().status().await.unwrap();
+    let st = connect(&c.endpoint(two))
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap();
     assert!(!st.is_learner());
 }

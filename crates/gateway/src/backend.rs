@@ -38,11 +38,58 @@ pub trait LeaseBackend: Send + Sync + 'static {
     async fn lease_leases(&self, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse>;
 }
 
-/// The parts of the Maintenance service a backend provides.
+/// The Maintenance service's backend. Only `status` and `alarm` are required; the
+/// other RPCs answer gRPC `Unimplemented` unless the backend provides them.
 #[tonic::async_trait]
 pub trait MaintenanceBackend: Send + Sync + 'static {
     async fn status(&self) -> Result<StatusResponse>;
     async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse>;
+
+    async fn hash(&self, _req: HashRequest) -> Result<HashResponse> {
+        Err(not_offered("Maintenance.Hash"))
+    }
+
+    async fn hash_kv(&self, _req: HashKvRequest) -> Result<HashKvResponse> {
+        Err(not_offered("Maintenance.HashKV"))
+    }
+
+    /// Answers once the defragmentation is done; must not stall other requests.
+    async fn defragment(&self, _req: DefragmentRequest) -> Result<DefragmentResponse> {
+        Err(not_offered("Maintenance.Defragment"))
+    }
+
+    /// Answers once `target_id` leads (etcd waits for it).
+    async fn move_leader(&self, _req: MoveLeaderRequest) -> Result<MoveLeaderResponse> {
+        Err(not_offered("Maintenance.MoveLeader"))
+    }
+
+    /// A consistent image of the member's state for `Snapshot`. The gateway streams
+    /// it in chunks and appends etcd's trailing SHA-256 of the streamed bytes.
+    async fn snapshot(&self) -> Result<SnapshotImage> {
+        Err(not_offered("Maintenance.Snapshot"))
+    }
+}
+
+/// A state image for the `Snapshot` RPC: `size` bytes read from `data` (on a blocking
+/// thread). etcdctl 3.4 refuses a download whose length is not 32 (the checksum) more
+/// than a multiple of 512, so `size` must be a multiple of 512.
+pub struct SnapshotImage {
+    pub size: u64,
+    pub data: Box<dyn std::io::Read + Send>,
+}
+
+impl std::fmt::Debug for SnapshotImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotImage")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn not_offered(rpc: &str) -> crate::Error {
+    crate::Error::Unimplemented(format!(
+        "concord: {rpc} is not supported by this server yet"
+    ))
 }
 
 /// The parts of the Cluster service a backend provides.

@@ -64,6 +64,13 @@ pub enum Error {
     Timeout,
     #[error("etcdserver: corrupt cluster")]
     Corrupt,
+    /// `MoveLeader` to a member that does not exist or is a learner.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// `MoveLeader` did not see the target lead in time. etcd has no gRPC mapping for
+    /// it, so clients get code `Unknown` with this text.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     /// An RPC this server does not offer (yet); the text names it.
     #[error("{0}")]
     Unimplemented(String),
@@ -84,6 +91,7 @@ impl Error {
             LeaseNotFound | MemberNotFound => Code::NotFound,
             LeaseExist
             | NotLeader
+            | BadLeaderTransferee
             | MemberExist
             | PeerUrlExist
             | MemberNotLearner
@@ -93,7 +101,7 @@ impl Error {
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
             Corrupt => Code::DataLoss,
             Unimplemented(_) => Code::Unimplemented,
-            Internal(_) => Code::Unknown,
+            Internal(_) | LeaderTransferTimeout => Code::Unknown,
         }
     }
 }
@@ -127,6 +135,22 @@ mod tests {
         assert_eq!(
             (s.code(), s.message()),
             (Code::InvalidArgument, "etcdserver: request is too large")
+        );
+        let s: Status = Error::NoSpace.into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded"
+            )
+        );
+        let s: Status = Error::BadLeaderTransferee.into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: bad leader transferee"
+            )
         );
         let s: Status = Error::NoLeader.into();
         assert_eq!(

@@ -12,6 +12,10 @@
 //! endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`), and the
 //! composition of both into one router ([`router`]).
 //!
+//! The Maintenance service frames `Snapshot` as etcd does: the backend hands over an
+//! image ([`SnapshotImage`]), the gateway streams it in chunks with `remaining_bytes`
+//! and appends the SHA-256 of the streamed bytes as the last message.
+//!
 //! Not: storage, consensus, or anything that knows how the data is kept; it depends on
 //! no other Concord crate than `concord-proto`. Put it in front of a different backend
 //! by implementing [`KvBackend`], [`WatchBackend`], [`LeaseBackend`], [`MaintenanceBackend`],
@@ -44,8 +48,8 @@ use concord_proto::v3electionpb::election_server::ElectionServer;
 use concord_proto::v3lockpb::lock_server::LockServer;
 
 pub use backend::{
-    ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend,
-    WatchSession,
+    ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, SnapshotImage,
+    WatchBackend, WatchSession,
 };
 pub use election::ElectionService;
 pub use error::{Error, Result};

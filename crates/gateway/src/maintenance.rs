@@ -2,14 +2,24 @@
 //!
 //! The RPCs a backend does not provide yet answer gRPC `Unimplemented` with a text that
 //! names them; they never hang.
+//!
+//! `Snapshot` is framed here, as etcd's v3rpc layer frames it: the backend's image in
+//! chunks (`remaining_bytes` counting down to 0), then one more message whose blob is
+//! the SHA-256 of every byte sent before it. A client that saves the stream to a file
+//! gets etcd's layout: image, then the 32-byte digest.
 
+use std::io::Read;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use concord_proto::etcdserverpb::{cluster_server::Cluster, maintenance_server::Maintenance, *};
-use tokio_stream::Empty;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::backend::{ClusterBackend, MaintenanceBackend};
+use crate::backend::{ClusterBackend, MaintenanceBackend, SnapshotImage};
 use crate::error::Error;
 
 fn unavailable(rpc: &str) -> Status {
@@ -18,6 +28,11 @@ fn unavailable(rpc: &str) -> Status {
     ))
     .into()
 }
+
+/// Bytes per `SnapshotResponse` (etcd sends 32 KiB; fewer, larger messages cost less).
+const SNAPSHOT_CHUNK: usize = 64 * 1024;
+/// Chunks read ahead of a slow client; the reader waits when they are queued.
+const SNAPSHOT_AHEAD: usize = 16;
 
 /// Serves Maintenance over any [`MaintenanceBackend`].
 pub struct MaintenanceService<B: ?Sized> {
@@ -28,6 +43,61 @@ impl<B: ?Sized> MaintenanceService<B> {
     pub fn new(backend: Arc<B>) -> Self {
         Self { backend }
     }
+}
+
+/// Reads the image and sends it as etcd does, ending with the SHA-256 message. Stops
+/// quietly when the client goes away.
+fn stream_image(image: SnapshotImage, tx: mpsc::Sender<Result<SnapshotResponse, Status>>) {
+    let SnapshotImage { size, mut data } = image;
+    let mut sha = Sha256::new();
+    let mut sent = 0u64;
+    loop {
+        let mut blob = vec![0u8; SNAPSHOT_CHUNK];
+        let mut n = 0;
+        while n < blob.len() {
+            match data.read(&mut blob[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::unknown(format!(
+                        "etcdserver: reading the snapshot: {e}"
+                    ))));
+                    return;
+                }
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        blob.truncate(n);
+        sent += n as u64;
+        if sent > size {
+            break;
+        }
+        sha.update(&blob);
+        let msg = SnapshotResponse {
+            header: None,
+            remaining_bytes: size - sent,
+            blob,
+            version: String::new(),
+        };
+        if tx.blocking_send(Ok(msg)).is_err() {
+            return;
+        }
+    }
+    if sent != size {
+        let _ = tx.blocking_send(Err(Status::unknown(format!(
+            "etcdserver: snapshot image is {sent} bytes, {size} announced"
+        ))));
+        return;
+    }
+    let _ = tx.blocking_send(Ok(SnapshotResponse {
+        header: None,
+        remaining_bytes: 0,
+        blob: sha.finalize().to_vec(),
+        version: String::new(),
+    }));
 }
 
 #[tonic::async_trait]
@@ -42,33 +112,43 @@ impl<B: MaintenanceBackend + ?Sized> Maintenance for MaintenanceService<B> {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(unavailable("Maintenance.Defragment"))
+        Ok(Response::new(
+            self.backend.defragment(req.into_inner()).await?,
+        ))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(unavailable("Maintenance.Hash"))
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Ok(Response::new(self.backend.hash(req.into_inner()).await?))
     }
 
-    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        Err(unavailable("Maintenance.HashKV"))
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        Ok(Response::new(self.backend.hash_kv(req.into_inner()).await?))
     }
 
-    type SnapshotStream = Empty<Result<SnapshotResponse, Status>>;
+    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
     async fn snapshot(
         &self,
         _: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unavailable("Maintenance.Snapshot"))
+        let image = self.backend.snapshot().await?;
+        let (tx, rx) = mpsc::channel(SNAPSHOT_AHEAD);
+        tokio::task::spawn_blocking(move || stream_image(image, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn move_leader(
         &self,
-        _: Request<MoveLeaderRequest>,
+        req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(unavailable("Maintenance.MoveLeader"))
+        Ok(Response::new(
+            self.backend.move_leader(req.into_inner()).await?,
+        ))
     }
 
     async fn downgrade(
@@ -155,4 +235,51 @@ fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(size: u64, data: Vec<u8>) -> Vec<Result<SnapshotResponse, Status>> {
+        let (tx, mut rx) = mpsc::channel(1024);
+        stream_image(
+            SnapshotImage {
+                size,
+                data: Box::new(std::io::Cursor::new(data)),
+            },
+            tx,
+        );
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn snapshot_stream_counts_down_and_ends_with_the_sha256() {
+        let image: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let msgs = collect(image.len() as u64, image.clone());
+        let msgs: Vec<SnapshotResponse> = msgs.into_iter().map(|m| m.unwrap()).collect();
+        assert_eq!(msgs.len(), image.len().div_ceil(SNAPSHOT_CHUNK) + 1);
+        let mut left = image.len() as u64;
+        let mut got = Vec::new();
+        for m in &msgs[..msgs.len() - 1] {
+            left -= m.blob.len() as u64;
+            assert_eq!(m.remaining_bytes, left);
+            got.extend_from_slice(&m.blob);
+        }
+        assert_eq!(got, image);
+        let last = msgs.last().unwrap();
+        assert_eq!(last.remaining_bytes, 0);
+        assert_eq!(last.blob, Sha256::digest(&image).to_vec());
+    }
+
+    #[test]
+    fn a_short_image_ends_the_stream_with_an_error() {
+        let msgs = collect(1000, vec![1; 10]);
+        assert!(msgs[0].is_ok());
+        assert!(msgs.last().unwrap().is_err());
+    }
 }

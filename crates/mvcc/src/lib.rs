@@ -6,10 +6,14 @@
 //! work. Keys carry etcd's `create_revision`, `mod_revision`, `version` and `lease`.
 //!
 //! Owns: the on-disk layout (column family `kv`, keyed by revision; `meta` for the
-//! compaction marks, the consistent index and caller metadata), the in-memory key
+//! compaction marks, the consistent index and caller metadata; `lease` and `alarm` for
+//! the caller's lease and alarm records, which are replicated state), the in-memory key
 //! index, range / put / delete / txn semantics exactly as etcd's applier evaluates them,
-//! compaction in the background, and point-in-time images for Raft snapshots
-//! ([`Store::export`], [`Store::import`]).
+//! compaction in the background, point-in-time images for Raft snapshots and backups
+//! ([`Store::export`], [`Store::import`], [`inspect_image`] for offline tools), and
+//! maintenance: etcd's `HashKV` ([`Store::hash_kv`], equal on every replica at the same
+//! revision), a hash of all records ([`Store::hash`]), online defragmentation
+//! ([`Store::defragment`]) and the size a quota is checked against ([`Store::db_size`]).
 //!
 //! Not: a network API, leases (a [`LeaseLookup`] answers whether one exists), or
 //! durability policy beyond one synced RocksDB write per [`Writer::commit`]. This is the
@@ -21,11 +25,13 @@
 mod codec;
 mod error;
 mod index;
+mod maintenance;
 mod snapshot;
 mod store;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use snapshot::Export;
+pub use maintenance::KvHash;
+pub use snapshot::{Export, ImageInfo, inspect_image};
 pub use store::{CompactWait, LeaseLookup, NoLeases, Store, StoreOptions, Writer};
 pub use types::*;

@@ -3,12 +3,15 @@
 //! store's contents with such an image.
 //!
 //! The image is a logical dump of the `kv` column family (every revision record, as
-//! stored), the lease records, the replicated state values, and the compaction marks, read through a RocksDB snapshot so writes that
-//! continue after the export started are not in it. Caller metadata (`user/` keys such
+//! stored), the lease records, the alarm records, the replicated state values, and the
+//! compaction marks, read through a RocksDB snapshot so writes that continue after the
+//! export started are not in it. Caller metadata (`user/` keys such
 //! as the member's own identity) is neither exported nor replaced: it belongs to the
 //! member, not to the replicated state. Integrity of the bytes in transit or on disk is
 //! the snapshot file's job (it carries a checksum); this format only checks its own
-//! framing.
+//! framing. Bytes after the end frame are ignored, so a carrier may pad an image (the
+//! `Snapshot` RPC pads it to 512-byte blocks, as etcdctl expects). [`inspect_image`]
+//! summarises an image without a store (for offline tools).
 
 use std::io::{self, Read};
 use std::sync::mpsc;
@@ -23,12 +26,15 @@ use crate::store::{
     read_i64_meta,
 };
 
-const MAGIC: &[u8; 16] = b"concord-mvcc-v2\n";
+const MAGIC: &[u8; 16] = b"concord-mvcc-v3\n";
+/// Images from before alarm records existed: the same frames, without `TAG_ALARM`.
+const MAGIC_V2: &[u8; 16] = b"concord-mvcc-v2\n";
 /// Images from before lease records existed: the same frames, without `TAG_LEASE`.
 const MAGIC_V1: &[u8; 16] = b"concord-mvcc-v1\n";
 const TAG_RECORD: u8 = 1;
 const TAG_LEASE: u8 = 2;
-const TAG_STATE: u8 = 3;
+const TAG_ALARM: u8 = 3;
+const TAG_STATE: u8 = 4;
 const TAG_END: u8 = 0;
 /// Bytes handed from the export thread to the reader at a time.
 const CHUNK: usize = 256 * 1024;
@@ -122,6 +128,8 @@ impl Store {
                 lease_ro.set_snapshot(&snap);
                 let mut state_ro = ReadOptions::default();
                 state_ro.set_snapshot(&snap);
+                let mut alarm_ro = ReadOptions::default();
+                alarm_ro.set_snapshot(&snap);
                 let records = shared
                     .db
                     .iterator_cf_opt(shared.kv(), ro, IteratorMode::Start)
@@ -134,7 +142,11 @@ impl Store {
                     .db
                     .iterator_cf_opt(shared.state_cf(), state_ro, IteratorMode::Start)
                     .map(|r| (TAG_STATE, r));
-                for (tag, item) in records.chain(leases).chain(state) {
+                let alarms = shared
+                    .db
+                    .iterator_cf_opt(shared.alarm_cf(), alarm_ro, IteratorMode::Start)
+                    .map(|r| (TAG_ALARM, r));
+                for (tag, item) in records.chain(leases).chain(alarms).chain(state) {
                     match item {
                         Ok((k, v)) => put_frame(&mut chunk, tag, &k, &v),
                         Err(e) => {
@@ -193,7 +205,7 @@ impl Store {
         let mut r = io::BufReader::with_capacity(1 << 20, image);
         let mut magic = [0u8; 16];
         read_exact(&mut r, &mut magic)?;
-        if &magic != MAGIC && &magic != MAGIC_V1 {
+        if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
             return Err(corrupt("not a concord store image"));
         }
         let current = read_i64(&mut r)?;
@@ -213,6 +225,12 @@ impl Store {
         for k in names {
             batch.delete_cf(shared.state_cf(), k);
         }
+        for item in shared
+            .db
+            .iterator_cf(shared.alarm_cf(), IteratorMode::Start)
+        {
+            batch.delete_cf(shared.alarm_cf(), item?.0);
+        }
         for k in [
             META_CONSISTENT_INDEX,
             META_COMPACT_SCHEDULED,
@@ -227,12 +245,13 @@ impl Store {
             let mut tag = [0u8; 1];
             read_exact(&mut r, &mut tag)?;
             match tag[0] {
-                tag @ (TAG_RECORD | TAG_LEASE | TAG_STATE) => {
+                tag @ (TAG_RECORD | TAG_LEASE | TAG_ALARM | TAG_STATE) => {
                     let k = read_bytes(&mut r)?;
                     let v = read_bytes(&mut r)?;
                     let cf = match tag {
                         TAG_LEASE => shared.lease_cf(),
                         TAG_STATE => shared.state_cf(),
+                        TAG_ALARM => shared.alarm_cf(),
                         _ => shared.kv(),
                     };
                     batch.put_cf(cf, k, v);
@@ -284,6 +303,86 @@ impl Store {
             self.schedule_compaction(compacted, crate::CompactWait::default());
         }
         Ok(())
+    }
+}
+
+/// What an image holds, as [`inspect_image`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The store's revision at the image's point in time.
+    pub revision: i64,
+    /// The compacted revision (0 if never compacted).
+    pub compacted: i64,
+    /// Revision records (every revision of every key still kept).
+    pub records: u64,
+    /// Lease records.
+    pub leases: u64,
+    /// Alarm records.
+    pub alarms: u64,
+    /// CRC-32C over every record's key and value, in image order.
+    pub hash: u32,
+    /// Bytes of the image up to and including its end frame (padding excluded).
+    pub size: u64,
+}
+
+/// Reads a whole image from [`Store::export`] and checks its framing, without a
+/// store: for offline tools (`snapshot status`, checks before a restore).
+pub fn inspect_image(image: &mut dyn Read) -> Result<ImageInfo> {
+    let corrupt = |what: &str| Error::Corrupt(format!("store image: {what}"));
+    let mut r = Counting {
+        inner: io::BufReader::with_capacity(1 << 20, image),
+        n: 0,
+    };
+    let mut magic = [0u8; 16];
+    read_exact(&mut r, &mut magic)?;
+    if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
+        return Err(corrupt("not a concord store image"));
+    }
+    let revision = read_i64(&mut r)?;
+    let compacted = read_i64(&mut r)?;
+    let _finished = read_i64(&mut r)?;
+    let (mut records, mut leases, mut alarms, mut states) = (0u64, 0u64, 0u64, 0u64);
+    let mut hash = 0u32;
+    loop {
+        let mut tag = [0u8; 1];
+        read_exact(&mut r, &mut tag)?;
+        match tag[0] {
+            TAG_RECORD => records += 1,
+            TAG_LEASE => leases += 1,
+            TAG_ALARM => alarms += 1,
+            TAG_STATE => states += 1,
+            TAG_END => break,
+            _ => return Err(corrupt("unknown frame")),
+        }
+        let k = read_bytes(&mut r)?;
+        let v = read_bytes(&mut r)?;
+        hash = crc32c::crc32c_append(crc32c::crc32c_append(hash, &k), &v);
+    }
+    if read_i64(&mut r)? as u64 != records + leases + alarms + states {
+        return Err(corrupt("record count does not match"));
+    }
+    Ok(ImageInfo {
+        revision,
+        compacted,
+        records,
+        leases,
+        alarms,
+        hash,
+        size: r.n,
+    })
+}
+
+/// Counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
     }
 }
 

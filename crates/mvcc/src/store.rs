@@ -29,6 +29,8 @@ pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_LEASE: &str = "lease";
 /// Replicated caller state (e.g. the member list), by name; in images, unlike `meta`.
 pub(crate) const CF_STATE: &str = "state";
+/// Alarm records (etcd's alarm list), keyed and valued by the caller's bytes.
+pub(crate) const CF_ALARM: &str = "alarm";
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
@@ -125,10 +127,27 @@ impl Shared {
             .expect("state column family exists")
     }
 
+    /// Every column family, in a fixed order.
+    pub(crate) fn column_families(&self) -> [&ColumnFamily; 5] {
+        [
+            self.kv(),
+            self.meta_cf(),
+            self.lease_cf(),
+            self.alarm_cf(),
+            self.state_cf(),
+        ]
+    }
+
     pub(crate) fn lease_cf(&self) -> &ColumnFamily {
         self.db
             .cf_handle(CF_LEASE)
             .expect("lease column family exists")
+    }
+
+    pub(crate) fn alarm_cf(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(CF_ALARM)
+            .expect("alarm column family exists")
     }
 
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -199,8 +218,16 @@ impl Store {
     /// Opens (or creates) a store in `path`, rebuilding the key index from disk and
     /// resuming a compaction that was scheduled but not finished.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
-        let opts = db_options();
-        let cfs = [CF_KV, CF_META, CF_LEASE, CF_STATE]
+        let mut opts = db_options();
+        // Compactions (automatic ones and defragmentation) run in RocksDB's low-priority
+        // pool; at the lowest CPU priority they take what requests leave, so a
+        // defragmentation does not stall the member. (The default environment is
+        // process-wide; this only ever lowers its pool.)
+        if let Ok(mut env) = rocksdb::Env::new() {
+            env.lower_thread_pool_cpu_priority();
+            opts.set_env(&env);
+        }
+        let cfs = [CF_KV, CF_META, CF_LEASE, CF_ALARM, CF_STATE]
             .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
         let shared = Arc::new(Shared {
@@ -276,12 +303,7 @@ impl Store {
         };
         let mut total = 0;
         let mut live = 0;
-        for cf in [
-            self.shared.kv(),
-            self.shared.meta_cf(),
-            self.shared.lease_cf(),
-            self.shared.state_cf(),
-        ] {
+        for cf in self.shared.column_families() {
             let mem = prop(cf, "rocksdb.cur-size-all-mem-tables");
             total += prop(cf, "rocksdb.total-sst-files-size") + mem;
             live += prop(cf, "rocksdb.estimate-live-data-size") + mem;
@@ -404,6 +426,20 @@ impl Store {
             .get_cf(self.shared.state_cf(), name.as_bytes())?)
     }
 
+    /// Every alarm record ([`Writer::put_alarm`]) in key order: `(key, value)`.
+    pub fn alarms(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let shared = &*self.shared;
+        let mut out = Vec::new();
+        for item in shared
+            .db
+            .iterator_cf(shared.alarm_cf(), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The live keys attached to `lease`, sorted.
     pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
         self.shared.read_state().attached.keys(lease)
@@ -432,6 +468,7 @@ impl Store {
             meta: Vec::new(),
             lease_ops: Vec::new(),
             state: Vec::new(),
+            alarm_ops: Vec::new(),
             base,
             rev: base,
             compacted,
@@ -870,6 +907,8 @@ pub struct Writer<'a> {
     lease_ops: Vec<(i64, Option<Vec<u8>>)>,
     /// Replicated state values to write with the batch.
     state: Vec<(String, Vec<u8>)>,
+    /// Alarm records to write (`Some`) or remove (`None`) with the batch.
+    alarm_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Committed revision the batch builds on.
     base: i64,
     /// Newest revision assigned in this batch.
@@ -1192,6 +1231,16 @@ impl Writer<'_> {
         self.lease_ops.push((id, None));
     }
 
+    /// Stores an alarm record with the batch (read them back with [`Store::alarms`]).
+    pub fn put_alarm(&mut self, key: &[u8], value: &[u8]) {
+        self.alarm_ops.push((key.to_vec(), Some(value.to_vec())));
+    }
+
+    /// Removes an alarm record with the batch.
+    pub fn delete_alarm(&mut self, key: &[u8]) {
+        self.alarm_ops.push((key.to_vec(), None));
+    }
+
     /// Deletes every live key attached to `lease` in one write txn (one revision, the
     /// keys in sorted order, as etcd revokes), and returns the revision after it.
     pub fn delete_leased_keys(&mut self, lease: i64) -> Result<i64> {
@@ -1253,6 +1302,7 @@ impl Writer<'_> {
             && self.compactions.is_empty()
             && self.lease_ops.is_empty()
             && self.state.is_empty()
+            && self.alarm_ops.is_empty()
         {
             return Ok(());
         }
@@ -1275,6 +1325,12 @@ impl Writer<'_> {
             match v {
                 Some(v) => batch.put_cf(shared.lease_cf(), id.to_be_bytes(), v),
                 None => batch.delete_cf(shared.lease_cf(), id.to_be_bytes()),
+            }
+        }
+        for (k, v) in &self.alarm_ops {
+            match v {
+                Some(v) => batch.put_cf(shared.alarm_cf(), k, v),
+                None => batch.delete_cf(shared.alarm_cf(), k),
             }
         }
         if let Some((rev, _)) = self.compactions.last() {
@@ -1314,6 +1370,7 @@ impl Writer<'_> {
         self.meta.clear();
         self.lease_ops.clear();
         self.state.clear();
+        self.alarm_ops.clear();
         self.base = self.rev;
         Ok(())
     }

@@ -17,6 +17,7 @@ use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 
+use crate::alarm::Alarms;
 use crate::convert;
 use crate::lease::{self, Lessor};
 use crate::membership::Membership;
@@ -29,6 +30,8 @@ const TAG_LEASE_GRANT: u8 = 5;
 const TAG_LEASE_REVOKE: u8 = 6;
 const TAG_LEASE_CHECKPOINT: u8 = 7;
 const TAG_MEMBER_UPDATE: u8 = 8;
+/// Maintenance commands are numbered from 16 on.
+const TAG_ALARM: u8 = 16;
 
 /// A write as it travels through the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +47,9 @@ pub enum Command {
     LeaseCheckpoint(Vec<(i64, i64)>),
     /// New peer URLs for a member (adds and removals are Raft membership changes).
     MemberUpdate(pb::MemberUpdateRequest),
+    /// Alarm GET, ACTIVATE or DEACTIVATE (through the log, as etcd, so every member
+    /// lists the same alarms).
+    Alarm(pb::AlarmRequest),
 }
 
 impl Command {
@@ -57,6 +63,7 @@ impl Command {
             Command::LeaseRevoke(r) => (TAG_LEASE_REVOKE, r.encode_to_vec()),
             Command::LeaseCheckpoint(c) => (TAG_LEASE_CHECKPOINT, lease::encode_checkpoints(c)),
             Command::MemberUpdate(r) => (TAG_MEMBER_UPDATE, r.encode_to_vec()),
+            Command::Alarm(r) => (TAG_ALARM, r.encode_to_vec()),
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(tag);
@@ -84,6 +91,7 @@ impl Command {
             TAG_MEMBER_UPDATE => {
                 Command::MemberUpdate(pb::MemberUpdateRequest::decode(body).map_err(bad)?)
             }
+            TAG_ALARM => Command::Alarm(pb::AlarmRequest::decode(body).map_err(bad)?),
             other => return Err(format!("unknown command tag {other}")),
         })
     }
@@ -108,17 +116,19 @@ pub enum Applied {
     LeaseCheckpoint,
     /// The member list after a membership change or update.
     Members(Vec<pb::Member>),
+    Alarm(pb::AlarmResponse),
 }
 
 /// What a proposer gets back: the command's result, or the (deterministic) error it
 /// met, as the client will see it.
 pub type Output = Result<Applied, ApiError>;
 
-/// The KV store and its leases as Raft's state machine.
+/// The KV store, its leases and the alarm list as Raft's state machine.
 pub struct KvMachine {
     store: Arc<mvcc::Store>,
     leases: Arc<Lessor>,
     members: Arc<Membership>,
+    alarms: Arc<Alarms>,
     /// Gets every applied revision's changes once they are readable.
     hub: Arc<concord_watch::Hub>,
 }
@@ -128,12 +138,14 @@ impl KvMachine {
         store: Arc<mvcc::Store>,
         leases: Arc<Lessor>,
         members: Arc<Membership>,
+        alarms: Arc<Alarms>,
         hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
         KvMachine {
             store,
             leases,
             members,
+            alarms,
             hub,
         }
     }
@@ -143,6 +155,7 @@ fn apply_one(
     w: &mut mvcc::Writer<'_>,
     leases: &Lessor,
     members: &Membership,
+    alarms: &Alarms,
     data: &[u8],
 ) -> Output {
     let cmd = match Command::decode(data) {
@@ -151,6 +164,10 @@ fn apply_one(
         // command keeps them in step.
         Err(e) => return Err(convert::api_error(mvcc::Error::Corrupt(e))),
     };
+    // The alarm list is replicated state, so every member refuses the same commands.
+    if let Some(e) = alarms.refuse(&cmd) {
+        return Err(e);
+    }
     let store = convert::api_error;
     Ok(match cmd {
         Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases).map_err(store)?),
@@ -178,6 +195,7 @@ fn apply_one(
         Command::MemberUpdate(u) => {
             Applied::Members(members.apply_update(w, u.id, &u.peer_ur_ls)?)
         }
+        Command::Alarm(a) => Applied::Alarm(alarms.apply(w, &a)),
     })
 }
 
@@ -192,7 +210,15 @@ impl StateMachine for KvMachine {
         let mut writer = self.store.writer().map_err(|e| e.to_string())?;
         let outputs: Vec<Output> = cmds
             .iter()
-            .map(|c| apply_one(&mut writer, &self.leases, &self.members, c.data))
+            .map(|c| {
+                apply_one(
+                    &mut writer,
+                    &self.leases,
+                    &self.members,
+                    &self.alarms,
+                    c.data,
+                )
+            })
             .collect();
         let last = cmds.last().map(|c| c.index);
         let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
@@ -220,6 +246,7 @@ impl StateMachine for KvMachine {
         self.store.import(image, index).map_err(|e| e.to_string())?;
         self.leases.reload(&self.store)?;
         self.members.reload(&self.store)?;
+        self.alarms.reload(&self.store)?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
@@ -258,6 +285,11 @@ mod tests {
                 id: 5,
                 peer_ur_ls: vec!["http://h:1".into()],
             }),
+            Command::Alarm(pb::AlarmRequest {
+                action: 1,
+                member_id: 5,
+                alarm: 1,
+            }),
         ];
         for c in cmds {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
@@ -280,7 +312,8 @@ mod tests {
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
         let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases, members, hub);
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases, members, alarms, hub);
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -329,7 +362,8 @@ mod tests {
         ));
         let leases = Arc::new(Lessor::open(&store).unwrap());
         let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases.clone(), members, hub);
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        let mut m = KvMachine::new(store.clone(), leases.clone(), members, alarms, hub);
         let put = |k: &str, lease: i64| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -392,5 +426,81 @@ mod tests {
             .unwrap();
         assert_eq!(left.kvs.len(), 1, "only the key without a lease is left");
         assert_eq!(left.kvs[0].key, b"c");
+    }
+}
+
+#[cfg(test)]
+mod alarm_tests {
+    use super::*;
+
+    fn machine(dir: &std::path::Path) -> (KvMachine, Arc<mvcc::Store>) {
+        let store =
+            Arc::new(mvcc::Store::open(dir, mvcc::StoreOptions { sync_writes: false }).unwrap());
+        let hub = Arc::new(concord_watch::Hub::new(
+            Arc::new(crate::watch::StoreHistory(store.clone())),
+            store.current_revision(),
+            concord_watch::HubOptions::default(),
+        ));
+        let leases = Arc::new(Lessor::open(&store).unwrap());
+        let alarms = Arc::new(Alarms::open(&store).unwrap());
+        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
+        (
+            KvMachine::new(store.clone(), leases, members, alarms, hub),
+            store,
+        )
+    }
+
+    fn apply(m: &mut KvMachine, index: u64, cmd: Command) -> Output {
+        let data = cmd.encode();
+        m.apply(&[Committed {
+            index,
+            term: 1,
+            data: &data,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap()
+    }
+
+    fn put() -> Command {
+        Command::Put(pb::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_alarm_in_the_log_gates_writes_and_travels_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _) = machine(&dir.path().join("a"));
+        assert!(apply(&mut a, 1, put()).is_ok());
+        let raise = Command::Alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Activate as i32,
+            member_id: 3,
+            alarm: pb::AlarmType::Nospace as i32,
+        });
+        assert!(matches!(apply(&mut a, 2, raise), Ok(Applied::Alarm(r)) if r.alarms.len() == 1));
+        assert!(matches!(apply(&mut a, 3, put()), Err(ApiError::NoSpace)));
+        let del = Command::DeleteRange(pb::DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        });
+        assert!(apply(&mut a, 4, del).is_ok());
+
+        // A member that installs the snapshot refuses the same writes.
+        let mut image = Vec::new();
+        a.snapshot().unwrap().read_to_end(&mut image).unwrap();
+        let (mut b, _) = machine(&dir.path().join("b"));
+        assert!(apply(&mut b, 1, put()).is_ok());
+        b.restore(&mut &image[..], 4, 1).unwrap();
+        assert!(matches!(apply(&mut b, 5, put()), Err(ApiError::NoSpace)));
+        let disarm = Command::Alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Deactivate as i32,
+            member_id: 3,
+            alarm: pb::AlarmType::Nospace as i32,
+        });
+        assert!(apply(&mut b, 6, disarm).is_ok());
+        assert!(apply(&mut b, 7, put()).is_ok());
     }
 }

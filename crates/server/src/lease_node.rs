@@ -215,6 +215,7 @@ impl LeaseBackend for Node {
         if req.ttl > crate::lease::MAX_LEASE_TTL {
             return Err(ApiError::LeaseTtlTooLarge);
         }
+        self.check_quota(crate::maintenance::LEASE_COST).await?;
         let mut id = req.id;
         while id == 0 {
             // Only positive ids, as etcd.

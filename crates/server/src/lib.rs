@@ -17,14 +17,23 @@
 //! a leader change by about one interval at most (etcd restarts it at the full TTL), and
 //! a lease with an answered keep-alive never expires early because leadership moved.
 //!
+//! Maintenance ([`alarm`], `maintenance.rs`): the alarm list is replicated state (an
+//! `Alarm` command through the log, stored in mvcc, in snapshot images); `NOSPACE` is
+//! raised by the member whose store reaches `--quota-backend-bytes` and then refuses
+//! puts, txns that put and lease grants on every member until disarmed, `CORRUPT`
+//! refuses every write. `Status`, `Hash`, `HashKV`, online `Defragment`, `Snapshot`
+//! (a point-in-time store image) and `MoveLeader` are served as etcd serves them.
+//!
 //! Not: the wire protocol or its checks (`concord-gateway`), revision semantics
 //! (`concord-mvcc`). This crate adds policy, not mechanism.
 
+pub mod alarm;
 pub mod apply;
 pub mod config;
 pub mod convert;
 pub mod lease;
 mod lease_node;
+mod maintenance;
 pub mod membership;
 pub mod node;
 pub mod watch;

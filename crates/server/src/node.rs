@@ -3,20 +3,21 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use concord_consensus::{self as consensus, ChangeKind, MemberChange};
 use concord_gateway::{
-    ClusterBackend, Error as ApiError, HealthBackend, KvBackend, MaintenanceBackend,
-    Result as ApiResult, WatchBackend, WatchSession,
+    ClusterBackend, Error as ApiError, HealthBackend, KvBackend, Result as ApiResult, WatchBackend,
+    WatchSession,
 };
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
+use crate::alarm::Alarms;
 use crate::apply::{Applied, Command, KvMachine, Output};
 use crate::config::{Config, split_urls};
 use crate::convert;
@@ -119,9 +120,9 @@ pub fn raft_error(e: consensus::Error) -> ApiError {
 pub struct Node {
     pub(crate) store: Arc<mvcc::Store>,
     hub: Arc<concord_watch::Hub>,
-    election_timeout: Duration,
+    pub(crate) election_timeout: Duration,
     pub(crate) raft: consensus::Handle<Output>,
-    identity: Identity,
+    pub(crate) identity: Identity,
     /// The member list (replicated); names and client URLs of other members fill in as
     /// they answer `Peer/Attributes`.
     pub(crate) members: Arc<Membership>,
@@ -129,8 +130,13 @@ pub struct Node {
     client_urls: Vec<String>,
     token: String,
     local_ip: Option<IpAddr>,
-    quota: i64,
+    /// `--quota-backend-bytes` as configured (0: etcd's default, negative: no quota).
+    pub(crate) quota: i64,
     pub(crate) lessor: Arc<Lessor>,
+    /// The replicated alarm list (shared with the apply thread).
+    pub(crate) alarms: Arc<Alarms>,
+    /// `--data-dir`: where maintenance spools snapshot images.
+    pub(crate) data_dir: PathBuf,
     /// etcd's minimum lease TTL for this member's election timeout.
     pub(crate) min_ttl: i64,
     /// Keep-alives that need the full TTL restored in the log before they are answered.
@@ -258,10 +264,12 @@ impl Node {
         let lessor = Arc::new(Lessor::open(&store).map_err(anyhow::Error::msg)?);
         let min_ttl = crate::lease::min_ttl(rcfg.election_ticks as u64, tick.as_millis() as u64);
         let request_timeout = rcfg.request_timeout;
+        let alarms = Arc::new(Alarms::open(&store).map_err(anyhow::Error::msg)?);
         let machine = KvMachine::new(
             store.clone(),
             lessor.clone(),
             membership.clone(),
+            alarms.clone(),
             hub.clone(),
         );
         let raft = consensus::start(rcfg, machine, transport)?;
@@ -280,6 +288,8 @@ impl Node {
             local_ip,
             quota: cfg.quota_backend_bytes,
             lessor,
+            alarms,
+            data_dir: data.to_path_buf(),
             min_ttl,
             restores,
             leader_channel: std::sync::Mutex::new(None),
@@ -390,7 +400,7 @@ impl Node {
         self.raft.read_index().await.map(|_| ()).map_err(raft_error)
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mvcc::Store) -> mvcc::Result<T> + Send + 'static,
     ) -> ApiResult<T> {
@@ -553,6 +563,7 @@ impl KvBackend for Node {
     }
 
     async fn put(&self, req: pb::PutRequest) -> ApiResult<pb::PutResponse> {
+        self.check_quota(crate::maintenance::put_cost(&req)).await?;
         match self.propose(Command::Put(req)).await? {
             Applied::Put(r) => {
                 let mut resp = convert::put_resp(r);
@@ -586,6 +597,7 @@ impl KvBackend for Node {
             }
             self.blocking(move |s| s.read_txn(&txn)).await?
         } else {
+            self.check_quota(crate::maintenance::txn_cost(&req)).await?;
             match self.propose(Command::Txn(req)).await? {
                 Applied::Txn(r) => r,
                 other => return Err(unexpected(&other)),
@@ -608,53 +620,6 @@ impl KvBackend for Node {
         Ok(pb::CompactionResponse {
             header: self.header(revision),
         })
-    }
-}
-
-#[concord_gateway::async_trait]
-impl MaintenanceBackend for Node {
-    async fn status(&self) -> ApiResult<pb::StatusResponse> {
-        let (revision, (size, in_use)) = self
-            .blocking(move |s| Ok((s.current_revision(), s.size_on_disk())))
-            .await?;
-        let st = self.raft.status();
-        let mut errors = Vec::new();
-        if st.leader == 0 {
-            errors.push(ApiError::NoLeader.to_string());
-        }
-        Ok(pb::StatusResponse {
-            header: self.header(revision),
-            version: concord_gateway::http::ETCD_API_VERSION.into(),
-            db_size: size,
-            leader: st.leader,
-            raft_index: st.commit,
-            raft_term: st.term,
-            raft_applied_index: st.applied,
-            errors,
-            db_size_in_use: in_use,
-            is_learner: self
-                .members
-                .get(self.identity.member_id)
-                .is_some_and(|m| m.is_learner),
-            storage_version: String::new(),
-            db_size_quota: self.quota,
-            downgrade_info: None,
-        })
-    }
-
-    async fn alarm(&self, req: pb::AlarmRequest) -> ApiResult<pb::AlarmResponse> {
-        use pb::alarm_request::AlarmAction;
-        match AlarmAction::try_from(req.action) {
-            // No alarm is ever raised yet (no quota enforcement, no corruption check),
-            // so there is none to list and none to clear.
-            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => Ok(pb::AlarmResponse {
-                header: self.header(self.store.current_revision()),
-                alarms: Vec::new(),
-            }),
-            _ => Err(ApiError::Unimplemented(
-                "concord: raising alarms by request is not supported yet".into(),
-            )),
-        }
     }
 }
 
