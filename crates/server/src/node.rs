@@ -198,10 +198,12 @@ impl Node {
         let mut w = store.writer()?;
         w.put_meta(META_MEMBER_ID, &identity.member_id.to_be_bytes());
         w.put_meta(META_CLUSTER_ID, &identity.cluster_id.to_be_bytes());
-        if !crate::membership::recorded(&store)? {
-            // The first start: every member of a new cluster records the same list
-            // (from the same --initial-cluster), a joining member the one the cluster
-            // sent; changes through the log replace it.
+        if !existed || !crate::membership::recorded(&store)? {
+            // The first start (no Raft log yet): every member of a new cluster records
+            // the same list (from the same --initial-cluster), a joining member the one
+            // the cluster sent; changes through the log replace it. A store restored
+            // from a snapshot (`concordctl snapshot restore`) carries the old cluster's
+            // list: the new cluster's replaces it, as etcd's restore does.
             crate::membership::record_initial(&mut w, &initial);
         }
         w.commit(None)?;
