@@ -376,6 +376,12 @@ impl Cluster {
         ready.with_context(|| format!("restarted member n{}", i + 1))
     }
 
+    /// Member `i`'s command-line flags (without the binary), to change before a
+    /// [`Cluster::restart`] (e.g. to add `--force-new-cluster`).
+    pub fn args_mut(&mut self, i: usize) -> &mut Vec<OsString> {
+        &mut self.members[i].args
+    }
+
     /// SIGSTOPs member `i`.
     pub fn pause(&self, i: usize) -> Result<()> {
         self.signal(i, "STOP")

@@ -54,6 +54,10 @@ pub struct Config {
     pub peers: Vec<u64>,
     /// Learners of the initial configuration (a member joining as a learner is one).
     pub learners: Vec<u64>,
+    /// Start as the only voter whatever the log says (etcd's `--force-new-cluster`, for
+    /// recovering a survivor when a quorum is lost for good). The caller makes it
+    /// permanent by proposing the removal of the other members.
+    pub force_new_cluster: bool,
     /// Where the WAL (`wal/`) and snapshot files (`snap/`) live.
     pub dir: PathBuf,
     /// One Raft tick (the heartbeat interval).
@@ -83,6 +87,7 @@ impl Config {
             id,
             peers,
             learners: Vec::new(),
+            force_new_cluster: false,
             dir,
             tick: Duration::from_millis(100),
             election_ticks: 10,
@@ -520,6 +525,14 @@ pub fn start<S: StateMachine>(
             membership::apply_simple(&mut conf_state, &cc);
         }
     }
+    if cfg.force_new_cluster {
+        tracing::warn!(
+            member_id = cfg.id,
+            was = ?conf_state.voters,
+            "forcing a new cluster: this member is the only voter"
+        );
+        conf_state = ConfState::from((vec![cfg.id], Vec::<u64>::new()));
+    }
     let compacted = rec.snapshot.as_ref().map_or((0, 0), |m| (m.index, m.term));
     let last = entries.last().map_or(compacted.0, |e| e.index);
     if applied > last {
@@ -539,6 +552,15 @@ pub fn start<S: StateMachine>(
     };
     if let Some(e) = entries.iter().find(|e| e.index == applied) {
         applied_term = e.term;
+    }
+    if cfg.force_new_cluster {
+        // As etcd: what the old cluster never committed is dropped, not committed by
+        // the new one-member cluster.
+        let dropped = entries.iter().filter(|e| e.index > hs.commit).count();
+        entries.retain(|e| e.index <= hs.commit);
+        if dropped > 0 {
+            tracing::warn!(dropped, commit = hs.commit, "forcing a new cluster: uncommitted entries dropped");
+        }
     }
     let offered = match &latest {
         Some(f) => Some(snapshot_metadata(f.meta())?),

@@ -82,6 +82,10 @@ pub struct Args {
     /// `member promote`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub auto_promote_learners: Option<bool>,
+    /// Restart this member's data as a new one-member cluster, as etcd's flag: for a
+    /// survivor when a quorum is lost for good. The other members are removed.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub force_new_cluster: Option<bool>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -144,6 +148,7 @@ pub struct Config {
     pub watch_progress_notify_interval: String,
     pub lease_checkpoint_interval: String,
     pub auto_promote_learners: bool,
+    pub force_new_cluster: bool,
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -184,7 +189,8 @@ impl Config {
             .set_default("log_level", "info")?
             .set_default("watch_progress_notify_interval", "10m")?
             .set_default("lease_checkpoint_interval", "1s")?
-            .set_default("auto_promote_learners", false)?;
+            .set_default("auto_promote_learners", false)?
+            .set_default("force_new_cluster", false)?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -213,7 +219,8 @@ impl Config {
                 a.watch_progress_notify_interval,
             )?
             .set_override_option("lease_checkpoint_interval", a.lease_checkpoint_interval)?
-            .set_override_option("auto_promote_learners", a.auto_promote_learners)?;
+            .set_override_option("auto_promote_learners", a.auto_promote_learners)?
+            .set_override_option("force_new_cluster", a.force_new_cluster)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);

@@ -246,8 +246,10 @@ impl Node {
             transport.set_peer(*id, url);
         }
         let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
+        let force = cfg.force_new_cluster && existed;
         let mut rcfg = consensus::Config::new(identity.member_id, voters, raft_dir);
         rcfg.learners = learners;
+        rcfg.force_new_cluster = force;
         rcfg.tick = tick;
         rcfg.election_ticks = (cfg.election_timeout / cfg.heartbeat_interval.max(1)) as usize;
         rcfg.heartbeat_ticks = 1;
@@ -301,6 +303,9 @@ impl Node {
         lease_node::spawn(&node, restore_rx, cfg.lease_checkpoint_interval()?);
         if node.auto_promote {
             tokio::spawn(auto_promote(Arc::downgrade(&node)));
+        }
+        if force {
+            tokio::spawn(remove_the_others(Arc::downgrade(&node)));
         }
         for (id, url) in peer_list {
             tokio::spawn(learn_attributes(Arc::downgrade(&node), id, url));
@@ -667,6 +672,41 @@ impl Node {
             context: Vec::new(),
         })
         .await
+    }
+}
+
+/// `--force-new-cluster`: once this member leads its one-voter cluster, the other
+/// members are removed through the log, so the new configuration survives restarts.
+async fn remove_the_others(node: std::sync::Weak<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.raft.status().role != consensus::Role::Leader {
+            continue;
+        }
+        let me = node.identity.member_id;
+        let others: Vec<u64> = node
+            .members
+            .list()
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != me)
+            .collect();
+        if others.is_empty() {
+            tracing::info!("forced new cluster: this member is the only one");
+            return;
+        }
+        for id in others {
+            let change = MemberChange {
+                kind: ChangeKind::Remove,
+                id,
+                context: Vec::new(),
+            };
+            match node.change_members(change).await {
+                Ok(_) => tracing::info!(member = format!("{id:x}"), "forced new cluster: member removed"),
+                Err(e) => tracing::warn!(member = format!("{id:x}"), error = %e, "forced new cluster: removal not done yet"),
+            }
+        }
     }
 }
 
