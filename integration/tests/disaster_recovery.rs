@@ -88,7 +88,11 @@ async fn a_survivor_restarted_with_force_new_cluster_keeps_every_acknowledged_wr
         c.print_logs();
         panic!("{e:#}");
     }
-    assert_eq!(all_writes(&first).await, acked, "acknowledged writes after recovery");
+    assert_eq!(
+        all_writes(&first).await,
+        acked,
+        "acknowledged writes after recovery"
+    );
     let mut cl = connect(&first).await.unwrap();
     cl.put("dr/after", "yes", None).await.unwrap();
     let ttl = cl.lease_time_to_live(lease, None).await.unwrap();
@@ -112,9 +116,17 @@ async fn a_survivor_restarted_with_force_new_cluster_keeps_every_acknowledged_wr
     c.members[1].retired = true;
     c.members[2].retired = true;
     let (n, url) = c.prepare_member();
-    let out = etcdctl(&first, &["member", "add", "n4", &format!("--peer-urls={url}")], None)
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = etcdctl(
+        &first,
+        &["member", "add", "n4", &format!("--peer-urls={url}")],
+        None,
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.start_added(n).await.unwrap();
     let grown = wait_until(DEADLINE, "the new member serving", || {
         let endpoint = c.endpoint(n);

@@ -194,6 +194,13 @@ async fn nospace_with_a_small_quota_then_free_space_and_disarm() {
     c.lease_revoke(lease).await.unwrap();
     let st = c.status().await.unwrap();
     assert_eq!(st.errors(), [format!("memberID:{me} alarm:NOSPACE ")]);
+    // HTTP /health says unhealthy while an alarm is active, as etcd's.
+    let (code, body) = concord_integration::http_get(s.client_port, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(r#""health":"false""#) && body.contains("NOSPACE"),
+        "{body}"
+    );
 
     // Disarmed while still over the quota: the next big write raises it again.
     assert_eq!(
@@ -237,6 +244,8 @@ async fn nospace_with_a_small_quota_then_free_space_and_disarm() {
     c.put("small", "1", None).await.unwrap();
     c.put("bigger", value, None).await.unwrap();
     assert!(c.status().await.unwrap().errors().is_empty());
+    let (code, body) = concord_integration::http_get(s.client_port, "/health");
+    assert_eq!(code, 200, "{body}");
 }
 
 /// Printable bytes that neither RocksDB's LZ4 nor etcd can shrink much.

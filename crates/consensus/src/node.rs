@@ -559,7 +559,11 @@ pub fn start<S: StateMachine>(
         let dropped = entries.iter().filter(|e| e.index > hs.commit).count();
         entries.retain(|e| e.index <= hs.commit);
         if dropped > 0 {
-            tracing::warn!(dropped, commit = hs.commit, "forcing a new cluster: uncommitted entries dropped");
+            tracing::warn!(
+                dropped,
+                commit = hs.commit,
+                "forcing a new cluster: uncommitted entries dropped"
+            );
         }
     }
     let offered = match &latest {

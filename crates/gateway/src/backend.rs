@@ -106,6 +106,12 @@ pub trait ClusterBackend: Send + Sync + 'static {
 #[tonic::async_trait]
 pub trait HealthBackend: Send + Sync + 'static {
     async fn health(&self) -> Result<()>;
+
+    /// Active alarms, by name (`NOSPACE`, `CORRUPT`): HTTP `/health` reports the member
+    /// unhealthy while there is one, as etcd does (the gRPC health service does not).
+    fn alarms(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One client's watch stream, opened by [`WatchBackend::open_watch`]. Requests arrive

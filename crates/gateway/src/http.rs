@@ -24,6 +24,19 @@ pub fn router<B: HealthBackend + ?Sized>(backend: Arc<B>) -> Router {
 }
 
 async fn health<B: HealthBackend + ?Sized>(State(b): State<Arc<B>>) -> Response {
+    let alarms = b.alarms();
+    if !alarms.is_empty() {
+        let reason = alarms
+            .iter()
+            .map(|a| format!("ALARM {a}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"health": "false", "reason": reason})),
+        )
+            .into_response();
+    }
     match b.health().await {
         Ok(()) => Json(serde_json::json!({"health": "true", "reason": ""})).into_response(),
         Err(e) => (

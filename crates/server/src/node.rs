@@ -703,8 +703,13 @@ async fn remove_the_others(node: std::sync::Weak<Node>) {
                 context: Vec::new(),
             };
             match node.change_members(change).await {
-                Ok(_) => tracing::info!(member = format!("{id:x}"), "forced new cluster: member removed"),
-                Err(e) => tracing::warn!(member = format!("{id:x}"), error = %e, "forced new cluster: removal not done yet"),
+                Ok(_) => tracing::info!(
+                    member = format!("{id:x}"),
+                    "forced new cluster: member removed"
+                ),
+                Err(e) => {
+                    tracing::warn!(member = format!("{id:x}"), error = %e, "forced new cluster: removal not done yet")
+                }
             }
         }
     }
@@ -889,6 +894,18 @@ impl HealthBackend for Node {
             ..Default::default()
         };
         self.blocking(move |s| s.range(&req)).await.map(|_| ())
+    }
+
+    fn alarms(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .alarms
+            .list(pb::AlarmType::None as i32)
+            .iter()
+            .map(|a| crate::alarm::alarm_name(a.alarm))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
