@@ -1,4 +1,5 @@
 //! Maintenance, Cluster, health and the HTTP endpoints, through real clients.
+
 use concord_integration::{Concord, http_get};
 use etcd_client::AlarmAction;
 
