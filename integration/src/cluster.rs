@@ -36,6 +36,27 @@ pub enum Kind {
     Etcd,
 }
 
+/// etcd's timing scaled down (heartbeat 50 ms, election 500 ms) and a 200 ms lease
+/// checkpoint interval: for tests that change leaders or wait for lease expiry.
+pub const FAST_FLAGS: [&str; 6] = [
+    "--heartbeat-interval",
+    "50",
+    "--election-timeout",
+    "500",
+    "--lease-checkpoint-interval",
+    "200ms",
+];
+
+impl ClusterOptions {
+    /// Three members with [`FAST_FLAGS`].
+    pub fn fast() -> ClusterOptions {
+        ClusterOptions {
+            extra: FAST_FLAGS.iter().map(|s| s.to_string()).collect(),
+            ..ClusterOptions::default()
+        }
+    }
+}
+
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {

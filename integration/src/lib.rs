@@ -418,3 +418,13 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (code, body)
 }
+
+/// The store's current revision as `c`'s endpoint reports it (from a read's header).
+pub async fn revision(c: &mut etcd_client::Client) -> i64 {
+    c.get("revision-probe", None)
+        .await
+        .expect("a read for the revision")
+        .header()
+        .expect("a header")
+        .revision()
+}

@@ -131,13 +131,7 @@ async fn lease_transcript(c: &mut Client) -> Vec<String> {
         ids.contains(&id)
     ));
 
-    let before = c
-        .get("lk/c", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let before = concord_integration::revision(c).await;
     let r = c.lease_revoke(id).await.unwrap();
     log(format!(
         "revoke: revision +{}",
@@ -160,13 +154,7 @@ async fn lease_transcript(c: &mut Client) -> Vec<String> {
     let t = c.lease_time_to_live(id, None).await.unwrap();
     log(format!("ttl revoked: ttl={}", t.ttl()));
     // A revoke with no keys makes no revision.
-    let rev = c
-        .get("lk/c", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = concord_integration::revision(c).await;
     let r = c.lease_revoke(short.id()).await.unwrap();
     log(format!(
         "revoke keyless: revision +{}",
@@ -284,13 +272,7 @@ async fn keep_alives_hold_a_lease_for_many_ttls_and_it_survives_a_restart() {
         t.ttl()
     );
     assert_eq!(c.get("kb", None).await.unwrap().kvs().len(), 1);
-    let from = c
-        .get("kb", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let from = concord_integration::revision(&mut c).await;
     let (at, _) = wait_deleted(&mut c, "kb", from).await;
     let took = at - granted;
     assert!(

@@ -18,25 +18,11 @@ use concord_integration::connect;
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const FAST: [&str; 6] = [
-    "--heartbeat-interval",
-    "50",
-    "--election-timeout",
-    "500",
-    "--lease-checkpoint-interval",
-    "200ms",
-];
 
 async fn start() -> Cluster {
-    Cluster::start(
-        Kind::Concord,
-        ClusterOptions {
-            extra: FAST.iter().map(|s| s.to_string()).collect(),
-            ..ClusterOptions::default()
-        },
-    )
-    .await
-    .expect("starting a 3-member cluster")
+    Cluster::start(Kind::Concord, ClusterOptions::fast())
+        .await
+        .expect("starting a 3-member cluster")
 }
 
 /// A watch on `key` from `from` that reports when the key is deleted, on its own

@@ -27,14 +27,6 @@ use etcd_client::{
 const CLIENTS: u64 = 5;
 const LOCK: &str = "mutex";
 const COUNTER: &str = "counter";
-const FAST: [&str; 6] = [
-    "--heartbeat-interval",
-    "50",
-    "--election-timeout",
-    "500",
-    "--lease-checkpoint-interval",
-    "200ms",
-];
 
 #[derive(Debug, Default)]
 struct Outcome {
@@ -148,15 +140,9 @@ async fn lock_holders_never_overlap_and_no_increment_is_lost_under_faults() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| concord_integration::run_id().bytes().map(u64::from).sum());
     eprintln!("lock_faults: {secs} s, {CLIENTS} clients, seed {seed}");
-    let mut cluster = Cluster::start(
-        Kind::Concord,
-        ClusterOptions {
-            extra: FAST.iter().map(|s| s.to_string()).collect(),
-            ..ClusterOptions::default()
-        },
-    )
-    .await
-    .expect("starting a 3-member cluster");
+    let mut cluster = Cluster::start(Kind::Concord, ClusterOptions::fast())
+        .await
+        .expect("starting a 3-member cluster");
     let endpoints = cluster.endpoints();
     let stop = Instant::now() + Duration::from_secs(secs);
     let workers: Vec<_> = (0..CLIENTS)

@@ -220,13 +220,7 @@ async fn nospace_with_a_small_quota_then_free_space_and_disarm() {
     c.delete("big", Some(etcd_client::DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    let rev = c
-        .get("keep", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = concord_integration::revision(&mut c).await;
     c.compact(
         rev,
         Some(etcd_client::CompactionOptions::new().with_physical()),
@@ -529,13 +523,7 @@ async fn snapshot_save_then_restore_serves_the_same_data() {
     // An alarm travels in the image too (member 42 does not exist; NOSPACE of a
     // departed member is still NOSPACE).
     alarm(&mut c, AlarmAction::Activate, AlarmType::Nospace, 42).await;
-    let rev = c
-        .get("k00", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = concord_integration::revision(&mut c).await;
     let hash = c.hash_kv(rev).await.unwrap();
     let want = contents(&mut c).await;
 
@@ -769,13 +757,7 @@ async fn defrag_does_not_stall_a_concurrent_load() {
             c.txn(Txn::new().and_then(ops)).await.unwrap();
         }
     }
-    let rev = c
-        .get("fill/000/00", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = concord_integration::revision(&mut c).await;
     c.compact(
         rev,
         Some(etcd_client::CompactionOptions::new().with_physical()),
@@ -839,13 +821,7 @@ async fn a_snapshot_restores_into_a_new_three_member_cluster() {
             .unwrap();
     }
     c.compact(12, None).await.unwrap();
-    let rev = c
-        .get("k00", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = concord_integration::revision(&mut c).await;
     let hash = c.hash_kv(rev).await.unwrap().hash();
     let want = contents(&mut c).await;
     let dir = tempfile::tempdir().unwrap();

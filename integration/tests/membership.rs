@@ -24,6 +24,20 @@ fn ctl(endpoint: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `etcdctl member add NAME --learner --peer-urls=URL` through `endpoint`.
+fn add_learner(endpoint: &str, name: &str, url: &str) -> (bool, String) {
+    ctl(
+        endpoint,
+        &[
+            "member",
+            "add",
+            name,
+            "--learner",
+            &format!("--peer-urls={url}"),
+        ],
+    )
+}
+
 /// The id of the member with `peer_url`, as `member list` shows it.
 async fn id_of(endpoint: &str, peer_url: &str) -> u64 {
     let mut c = connect(endpoint).await.unwrap();
@@ -73,16 +87,7 @@ async fn grow_to_three_with_a_promoted_learner_and_shrink_back_without_losing_wr
 
     // A learner: added, started, promoted once it has caught up.
     let (two, two_url) = c.prepare_member();
-    let (ok, out) = ctl(
-        &first,
-        &[
-            "member",
-            "add",
-            "n2",
-            "--learner",
-            &format!("--peer-urls={two_url}"),
-        ],
-    );
+    let (ok, out) = add_learner(&first, "n2", &two_url);
     assert!(ok, "member add --learner: {out}");
     assert!(out.contains("added to cluster"), "{out}");
     let two_id = id_of(&first, &two_url).await;
@@ -349,16 +354,7 @@ async fn with_auto_promotion_a_caught_up_learner_becomes_a_voter_by_itself() {
         cl.put(format!("k{i}"), "v", None).await.unwrap();
     }
     let (two, url) = c.prepare_member();
-    let (ok, out) = ctl(
-        &first,
-        &[
-            "member",
-            "add",
-            "n2",
-            "--learner",
-            &format!("--peer-urls={url}"),
-        ],
-    );
+    let (ok, out) = add_learner(&first, "n2", &url);
     assert!(ok, "{out}");
     let id = id_of(&first, &url).await;
     c.start_added(two).await.unwrap();

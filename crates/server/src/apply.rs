@@ -254,6 +254,25 @@ impl StateMachine for KvMachine {
     }
 }
 
+/// A state machine on a fresh store in `dir`, for tests.
+#[cfg(test)]
+fn test_machine(dir: &std::path::Path) -> (KvMachine, Arc<mvcc::Store>) {
+    let store =
+        Arc::new(mvcc::Store::open(dir, mvcc::StoreOptions { sync_writes: false }).unwrap());
+    let hub = Arc::new(concord_watch::Hub::new(
+        Arc::new(crate::watch::StoreHistory(store.clone())),
+        store.current_revision(),
+        concord_watch::HubOptions::default(),
+    ));
+    let leases = Arc::new(Lessor::open(&store).unwrap());
+    let alarms = Arc::new(Alarms::open(&store).unwrap());
+    let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
+    (
+        KvMachine::new(store.clone(), leases, members, alarms, hub),
+        store,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,18 +321,7 @@ mod tests {
     #[test]
     fn applies_in_order_and_records_the_index() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            mvcc::Store::open(dir.path(), mvcc::StoreOptions { sync_writes: false }).unwrap(),
-        );
-        let hub = Arc::new(concord_watch::Hub::new(
-            Arc::new(crate::watch::StoreHistory(store.clone())),
-            store.current_revision(),
-            concord_watch::HubOptions::default(),
-        ));
-        let leases = Arc::new(Lessor::open(&store).unwrap());
-        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
-        let alarms = Arc::new(Alarms::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases, members, alarms, hub);
+        let (mut m, _) = test_machine(dir.path());
         let put = |k: &str| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -352,18 +360,8 @@ mod tests {
     #[test]
     fn leases_gate_puts_and_a_revoke_deletes_their_keys_in_one_revision() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            mvcc::Store::open(dir.path(), mvcc::StoreOptions { sync_writes: false }).unwrap(),
-        );
-        let hub = Arc::new(concord_watch::Hub::new(
-            Arc::new(crate::watch::StoreHistory(store.clone())),
-            store.current_revision(),
-            concord_watch::HubOptions::default(),
-        ));
-        let leases = Arc::new(Lessor::open(&store).unwrap());
-        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
-        let alarms = Arc::new(Alarms::open(&store).unwrap());
-        let mut m = KvMachine::new(store.clone(), leases.clone(), members, alarms, hub);
+        let (mut m, store) = test_machine(dir.path());
+        let leases = m.leases.clone();
         let put = |k: &str, lease: i64| {
             Command::Put(pb::PutRequest {
                 key: k.into(),
@@ -433,23 +431,6 @@ mod tests {
 mod alarm_tests {
     use super::*;
 
-    fn machine(dir: &std::path::Path) -> (KvMachine, Arc<mvcc::Store>) {
-        let store =
-            Arc::new(mvcc::Store::open(dir, mvcc::StoreOptions { sync_writes: false }).unwrap());
-        let hub = Arc::new(concord_watch::Hub::new(
-            Arc::new(crate::watch::StoreHistory(store.clone())),
-            store.current_revision(),
-            concord_watch::HubOptions::default(),
-        ));
-        let leases = Arc::new(Lessor::open(&store).unwrap());
-        let alarms = Arc::new(Alarms::open(&store).unwrap());
-        let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
-        (
-            KvMachine::new(store.clone(), leases, members, alarms, hub),
-            store,
-        )
-    }
-
     fn apply(m: &mut KvMachine, index: u64, cmd: Command) -> Output {
         let data = cmd.encode();
         m.apply(&[Committed {
@@ -473,7 +454,7 @@ mod alarm_tests {
     #[test]
     fn an_alarm_in_the_log_gates_writes_and_travels_in_snapshots() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut a, _) = machine(&dir.path().join("a"));
+        let (mut a, _) = test_machine(&dir.path().join("a"));
         assert!(apply(&mut a, 1, put()).is_ok());
         let raise = Command::Alarm(pb::AlarmRequest {
             action: pb::alarm_request::AlarmAction::Activate as i32,
@@ -491,7 +472,7 @@ mod alarm_tests {
         // A member that installs the snapshot refuses the same writes.
         let mut image = Vec::new();
         a.snapshot().unwrap().read_to_end(&mut image).unwrap();
-        let (mut b, _) = machine(&dir.path().join("b"));
+        let (mut b, _) = test_machine(&dir.path().join("b"));
         assert!(apply(&mut b, 1, put()).is_ok());
         b.restore(&mut &image[..], 4, 1).unwrap();
         assert!(matches!(apply(&mut b, 5, put()), Err(ApiError::NoSpace)));
