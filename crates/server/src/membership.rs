@@ -202,6 +202,12 @@ impl Membership {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// Records that the cluster removed this member (learned from its peers, when the
+    /// removal was committed without this member hearing of it).
+    pub fn mark_removed(&self) {
+        self.removed.send_replace(true);
+    }
+
     pub fn is_removed(&self) -> bool {
         *self.removed.borrow()
     }

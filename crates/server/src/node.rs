@@ -307,6 +307,7 @@ impl Node {
         if force {
             tokio::spawn(remove_the_others(Arc::downgrade(&node)));
         }
+        tokio::spawn(detect_removal(Arc::downgrade(&node)));
         for (id, url) in peer_list {
             tokio::spawn(learn_attributes(Arc::downgrade(&node), id, url));
         }
@@ -672,6 +673,65 @@ impl Node {
             context: Vec::new(),
         })
         .await
+    }
+}
+
+/// A member removed from the cluster may never hear that its removal was committed:
+/// the leader stops sending to it at once. Once such a member has had no leader for
+/// three election timeouts it asks its peers for their member lists; if every peer
+/// that answers (a majority of the others at least) lists it no more, it was removed
+/// and stops, as an etcd member told "removed" by its peers does.
+async fn detect_removal(node: std::sync::Weak<Node>) {
+    let mut leaderless = 0;
+    loop {
+        let pause = match node.upgrade() {
+            Some(n) => n.election_timeout,
+            None => return,
+        };
+        tokio::time::sleep(pause).await;
+        let Some(n) = node.upgrade() else { return };
+        if n.members.is_removed() {
+            return;
+        }
+        if n.raft.status().leader != 0 {
+            leaderless = 0;
+            continue;
+        }
+        leaderless += 1;
+        if leaderless < 3 {
+            continue;
+        }
+        let me = n.identity.member_id;
+        let cluster = n.identity.cluster_id;
+        let peers: Vec<String> = n
+            .members
+            .list()
+            .iter()
+            .filter(|m| m.id != me)
+            .filter_map(|m| m.peer_ur_ls.first().cloned())
+            .collect();
+        let local_ip = n.local_ip;
+        drop(n);
+        let mut answered = 0;
+        let mut listed = false;
+        for url in &peers {
+            if let Ok(attrs) = consensus::grpc::fetch_attributes(url, local_ip).await
+                && let Some(r) = decode_attributes(&attrs)
+                && r.header.as_ref().is_some_and(|h| h.cluster_id == cluster)
+            {
+                answered += 1;
+                listed |= r.members.iter().any(|m| m.id == me);
+            }
+        }
+        if !listed && answered * 2 > peers.len() {
+            let Some(n) = node.upgrade() else { return };
+            tracing::warn!(
+                answered,
+                "the cluster's members no longer list this member: it was removed"
+            );
+            n.members.mark_removed();
+            return;
+        }
     }
 }
 
