@@ -422,6 +422,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// Delays every peer link by `delay ± jitter` (each proxy: traffic into its member).
+    pub fn delay_peers(&self, delay: Duration, jitter: Duration) -> Result<()> {
+        for m in &self.members {
+            let proxy = m.proxy.as_ref().context("delays need a proxied cluster")?;
+            proxy.set_delay_jitter(delay, jitter);
+        }
+        Ok(())
+    }
+
+    /// Drops peer traffic at random (probability `p` per forwarded chunk, with its
+    /// connection) on every link.
+    pub fn drop_peers(&self, p: f64) -> Result<()> {
+        for m in &self.members {
+            let proxy = m.proxy.as_ref().context("drops need a proxied cluster")?;
+            proxy.set_drop(p);
+        }
+        Ok(())
+    }
+
+    /// Lifts every network fault (blocks, delays, drops) on every proxy.
+    pub fn clear_network_faults(&self) {
+        for p in self.members.iter().filter_map(|m| m.proxy.as_ref()) {
+            p.clear();
+        }
+    }
+
     /// Lifts every block on every proxy.
     pub fn heal(&self) {
         for p in self.members.iter().filter_map(|m| m.proxy.as_ref()) {

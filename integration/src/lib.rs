@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod cluster;
+pub mod history;
 pub mod linearizability;
 pub mod proxy;
 pub mod watchcheck;
