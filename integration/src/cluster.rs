@@ -47,6 +47,8 @@ pub struct ClusterOptions {
     pub proxied: bool,
     /// Extra flags for every member, e.g. `--snapshot-count`.
     pub extra: Vec<String>,
+    /// Run this binary instead of the default one (e.g. a failpoint build).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +57,7 @@ impl Default for ClusterOptions {
             size: 3,
             proxied: false,
             extra: Vec::new(),
+            bin: None,
         }
     }
 }
@@ -129,9 +132,12 @@ impl Cluster {
         if opts.proxied {
             ensure!(n <= 250, "proxied clusters use 127.0.0.2..=127.0.0.251");
         }
-        let bin = match kind {
-            Kind::Concord => concord_bin(),
-            Kind::Etcd => etcd_bin().context("etcd not installed (apt-get install etcd-server)")?,
+        let bin = match (kind, &opts.bin) {
+            (_, Some(bin)) => bin.clone(),
+            (Kind::Concord, None) => concord_bin(),
+            (Kind::Etcd, None) => {
+                etcd_bin().context("etcd not installed (apt-get install etcd-server)")?
+            }
         };
         let tmp = tempfile::Builder::new()
             .prefix(match kind {
@@ -374,6 +380,27 @@ impl Cluster {
             eprintln!("{}", self.member_log(i));
         }
         ready.with_context(|| format!("restarted member n{}", i + 1))
+    }
+
+    /// Whether member `i`'s process has ended on its own (reaped if so).
+    pub fn exited(&mut self, i: usize) -> bool {
+        let m = &mut self.members[i];
+        match m.proc.child.as_mut().map(std::process::Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                m.proc.child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// Arms failpoint `name` on member `i` with `action` (`fail` syntax, e.g. `panic`)
+    /// through `PUT /debug/failpoints/<name>`; needs a failpoint build
+    /// ([`crate::concord_failpoints_bin`]).
+    pub async fn arm_failpoint(&self, i: usize, name: &str, action: &str) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port));
+        crate::http_request(addr, "PUT", &format!("/debug/failpoints/{name}"), action).await
     }
 
     /// SIGSTOPs member `i`.

@@ -19,7 +19,9 @@ pub mod cluster;
 pub mod history;
 pub mod linearizability;
 pub mod proxy;
+pub mod traffic;
 pub mod watchcheck;
+pub mod watchrec;
 
 /// How long a server may take to answer after it is started.
 pub const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -66,6 +68,67 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     assert!(status.success(), "cargo build of {name} failed");
     assert!(bin.exists(), "{name} binary not found at {}", bin.display());
     bin
+}
+
+/// `concord` built with failpoints (`--features concord-server/failpoints`):
+/// `$CONCORD_FAILPOINTS_BIN`, or built now and copied to `concord-failpoints` next to
+/// the test binary's profile directory, so builds without the feature (which put their
+/// own `concord` in the same place) do not replace it under a running test. The
+/// feature only changes the storage, consensus, mvcc and server crates: RocksDB is
+/// not rebuilt.
+pub fn concord_failpoints_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CONCORD_FAILPOINTS_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bin", "concord"])
+            .args(["--features", "concord-server/failpoints"])
+            .status()
+            .expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build of concord with failpoints failed"
+        );
+        let out = profile_dir.join("concord-failpoints");
+        let tmp = profile_dir.join(format!("concord-failpoints.{}", std::process::id()));
+        std::fs::copy(profile_dir.join("concord"), &tmp).expect("copying concord");
+        std::fs::rename(&tmp, &out).expect("renaming concord-failpoints");
+        out
+    })
+    .clone()
+}
+
+/// One HTTP/1.1 request with a text body to `addr`; fails unless the answer is 2xx.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await??;
+    let status = resp.split_whitespace().nth(1).unwrap_or("");
+    anyhow::ensure!(
+        status.starts_with('2'),
+        "{method} {path}: {}",
+        resp.lines().next().unwrap_or("")
+    );
+    Ok(())
 }
 
 /// Runs `concordctl <args>`.

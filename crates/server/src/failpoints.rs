@@ -8,16 +8,28 @@
 
 pub use concord_storage::failpoints::*;
 
-/// Arms the points named in `FAILPOINTS` (`name=action;...`) and turns every panic into
-/// an abort, so a `panic` action is a crash at exactly that point, whichever thread
-/// hits it (a panic in a helper thread would otherwise leave a half-dead member).
+/// Arms the points named in `FAILPOINTS` (`name=action;...`) and turns a failpoint's
+/// `panic` (message `failpoint <name> panic`) into an abort, so it is a crash at
+/// exactly that point whichever thread hits it (a panic in a helper thread or a tokio
+/// task would otherwise leave a half-dead member). Other panics keep their usual
+/// effect: debug builds hit h2's `debug_assert!` in `Store::drop` (enabled by the
+/// `unstable` feature the gateway uses) when a connection ends with open streams,
+/// and tokio contains that panic to the connection's task.
 /// Keep the returned scenario alive as long as the process runs.
 #[cfg(feature = "failpoints")]
 pub fn setup() -> fail::FailScenario<'static> {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
-        std::process::abort();
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failpoint ") {
+            std::process::abort();
+        }
     }));
     fail::FailScenario::setup()
 }

@@ -6,7 +6,7 @@
 //! them at run time from the `FAILPOINTS` environment variable (`name=action;...`,
 //! [`fail::FailScenario`]) or with `PUT /debug/failpoints/<name>` on the client port
 //! (body: the action, e.g. `panic`, `1*off->panic`, `sleep(500)`, `off`); in those
-//! builds every panic aborts the process, so `panic` is a crash at that exact point.
+//! builds a failpoint's `panic` aborts the process: a crash at that exact point.
 //!
 //! The names live here because every crate with points may depend on `concord-storage`
 //! except `concord-mvcc` (it may depend on RocksDB only): mvcc declares its four
