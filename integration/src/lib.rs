@@ -46,6 +46,12 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
+    build_workspace_bin(name, &[])
+}
+
+/// Builds the workspace binary `name` (with extra cargo `args`) and returns where
+/// cargo put it, next to this test binary.
+fn build_workspace_bin(name: &str, args: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
@@ -59,6 +65,7 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     // `--workspace` keeps the feature set of every build the same, so nothing
     // (RocksDB above all) is rebuilt for this one binary.
     cmd.args(["build", "--quiet", "--workspace", "--bin", name]);
+    cmd.args(args);
     if release {
         cmd.arg("--release");
     }
@@ -82,24 +89,10 @@ pub fn concord_failpoints_bin() -> PathBuf {
         if let Some(p) = std::env::var_os("CONCORD_FAILPOINTS_BIN") {
             return PathBuf::from(p);
         }
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--workspace", "--bin", "concord"])
-            .args(["--features", "concord-server/failpoints"])
-            .status()
-            .expect("running cargo build");
-        assert!(
-            status.success(),
-            "cargo build of concord with failpoints failed"
-        );
-        let out = profile_dir.join("concord-failpoints");
-        let tmp = profile_dir.join(format!("concord-failpoints.{}", std::process::id()));
-        std::fs::copy(profile_dir.join("concord"), &tmp).expect("copying concord");
+        let built = build_workspace_bin("concord", &["--features", "concord-server/failpoints"]);
+        let out = built.with_file_name("concord-failpoints");
+        let tmp = built.with_file_name(format!("concord-failpoints.{}", std::process::id()));
+        std::fs::copy(&built, &tmp).expect("copying concord");
         std::fs::rename(&tmp, &out).expect("renaming concord-failpoints");
         out
     })
