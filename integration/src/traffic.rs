@@ -245,6 +245,10 @@ pub async fn client_loop(
                 Reply::Unknown
             }
         };
+        if reply == Reply::Unknown {
+            // The member is down or cut off: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         if let (Request::Range { start, end, .. }, Reply::Range { kvs, .. }) = (&req, &reply)
             && end.is_empty()
             && let Some(i) = (0..KEYS).find(|&i| key(i as u64) == *start)
