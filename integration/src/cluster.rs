@@ -68,6 +68,8 @@ pub struct ClusterOptions {
     pub proxied: bool,
     /// Extra flags for every member, e.g. `--snapshot-count`.
     pub extra: Vec<String>,
+    /// Run this binary instead of the default one (e.g. a failpoint build).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +78,7 @@ impl Default for ClusterOptions {
             size: 3,
             proxied: false,
             extra: Vec::new(),
+            bin: None,
         }
     }
 }
@@ -150,9 +153,12 @@ impl Cluster {
         if opts.proxied {
             ensure!(n <= 250, "proxied clusters use 127.0.0.2..=127.0.0.251");
         }
-        let bin = match kind {
-            Kind::Concord => concord_bin(),
-            Kind::Etcd => etcd_bin().context("etcd not installed (apt-get install etcd-server)")?,
+        let bin = match (kind, &opts.bin) {
+            (_, Some(bin)) => bin.clone(),
+            (Kind::Concord, None) => concord_bin(),
+            (Kind::Etcd, None) => {
+                etcd_bin().context("etcd not installed (apt-get install etcd-server)")?
+            }
         };
         let tmp = tempfile::Builder::new()
             .prefix(match kind {
@@ -403,6 +409,27 @@ impl Cluster {
         &mut self.members[i].args
     }
 
+    /// Whether member `i`'s process has ended on its own (reaped if so).
+    pub fn exited(&mut self, i: usize) -> bool {
+        let m = &mut self.members[i];
+        match m.proc.child.as_mut().map(std::process::Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                m.proc.child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// Arms failpoint `name` on member `i` with `action` (`fail` syntax, e.g. `panic`)
+    /// through `PUT /debug/failpoints/<name>`; needs a failpoint build
+    /// ([`crate::concord_failpoints_bin`]).
+    pub async fn arm_failpoint(&self, i: usize, name: &str, action: &str) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port));
+        crate::http_request(addr, "PUT", &format!("/debug/failpoints/{name}"), action).await
+    }
+
     /// SIGSTOPs member `i`.
     pub fn pause(&self, i: usize) -> Result<()> {
         self.signal(i, "STOP")
@@ -447,6 +474,32 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Delays every peer link by `delay ± jitter` (each proxy: traffic into its member).
+    pub fn delay_peers(&self, delay: Duration, jitter: Duration) -> Result<()> {
+        for m in &self.members {
+            let proxy = m.proxy.as_ref().context("delays need a proxied cluster")?;
+            proxy.set_delay_jitter(delay, jitter);
+        }
+        Ok(())
+    }
+
+    /// Drops peer traffic at random (probability `p` per forwarded chunk, with its
+    /// connection) on every link.
+    pub fn drop_peers(&self, p: f64) -> Result<()> {
+        for m in &self.members {
+            let proxy = m.proxy.as_ref().context("drops need a proxied cluster")?;
+            proxy.set_drop(p);
+        }
+        Ok(())
+    }
+
+    /// Lifts every network fault (blocks, delays, drops) on every proxy.
+    pub fn clear_network_faults(&self) {
+        for p in self.members.iter().filter_map(|m| m.proxy.as_ref()) {
+            p.clear();
+        }
     }
 
     /// Lifts every block on every proxy.

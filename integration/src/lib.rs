@@ -16,9 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod cluster;
+pub mod history;
 pub mod linearizability;
 pub mod proxy;
+pub mod traffic;
 pub mod watchcheck;
+pub mod watchrec;
 
 /// How long a server may take to answer after it is started.
 pub const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -43,6 +46,12 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
+    build_workspace_bin(name, &[])
+}
+
+/// Builds the workspace binary `name` (with extra cargo `args`) and returns where
+/// cargo put it, next to this test binary.
+fn build_workspace_bin(name: &str, args: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
@@ -56,6 +65,7 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     // `--workspace` keeps the feature set of every build the same, so nothing
     // (RocksDB above all) is rebuilt for this one binary.
     cmd.args(["build", "--quiet", "--workspace", "--bin", name]);
+    cmd.args(args);
     if release {
         cmd.arg("--release");
     }
@@ -65,6 +75,53 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     assert!(status.success(), "cargo build of {name} failed");
     assert!(bin.exists(), "{name} binary not found at {}", bin.display());
     bin
+}
+
+/// `concord` built with failpoints (`--features concord-server/failpoints`):
+/// `$CONCORD_FAILPOINTS_BIN`, or built now and copied to `concord-failpoints` next to
+/// the test binary's profile directory, so builds without the feature (which put their
+/// own `concord` in the same place) do not replace it under a running test. The
+/// feature only changes the storage, consensus, mvcc and server crates: RocksDB is
+/// not rebuilt.
+pub fn concord_failpoints_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CONCORD_FAILPOINTS_BIN") {
+            return PathBuf::from(p);
+        }
+        let built = build_workspace_bin("concord", &["--features", "concord-server/failpoints"]);
+        let out = built.with_file_name("concord-failpoints");
+        let tmp = built.with_file_name(format!("concord-failpoints.{}", std::process::id()));
+        std::fs::copy(&built, &tmp).expect("copying concord");
+        std::fs::rename(&tmp, &out).expect("renaming concord-failpoints");
+        out
+    })
+    .clone()
+}
+
+/// One HTTP/1.1 request with a text body to `addr`; fails unless the answer is 2xx.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await??;
+    let status = resp.split_whitespace().nth(1).unwrap_or("");
+    anyhow::ensure!(
+        status.starts_with('2'),
+        "{method} {path}: {}",
+        resp.lines().next().unwrap_or("")
+    );
+    Ok(())
 }
 
 /// Runs `concordctl <args>`.

@@ -7,6 +7,12 @@
 //! immediate: existing connections from a blocked source are dropped (both halves),
 //! and new ones are accepted and closed at once, until unblocked.
 //!
+//! Besides cuts: a forwarding delay with jitter (each chunk waits `delay ± jitter`,
+//! uniformly; order is kept, as on one TCP stream) and random drop: each forwarded
+//! chunk is, with the set probability, dropped together with its connection (on a
+//! stream transport losing bytes means losing the connection; the members reconnect
+//! and Raft resends what was lost).
+//!
 //! The controls are synchronous and cheap, so they can be called from sync or async
 //! code. Dropping the proxy stops it (its listener and every connection).
 
@@ -27,6 +33,10 @@ struct State {
     blocked: HashSet<IpAddr>,
     all: bool,
     delay: Duration,
+    jitter: Duration,
+    /// Probability (in millionths) that a forwarded chunk is dropped with its connection.
+    drop_ppm: u32,
+    rng: u64,
 }
 
 #[derive(Debug)]
@@ -42,8 +52,29 @@ impl Shared {
         s.all || s.blocked.contains(&src)
     }
 
-    fn delay(&self) -> Duration {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).delay
+    /// The delay for the next chunk, or `None` if it is to be dropped.
+    fn next_chunk(&self) -> Option<Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.drop_ppm == 0 && s.jitter.is_zero() {
+            return Some(s.delay);
+        }
+        // xorshift64*: fault schedules do not need to replay byte for byte.
+        s.rng ^= s.rng >> 12;
+        s.rng ^= s.rng << 25;
+        s.rng ^= s.rng >> 27;
+        let r = s.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        if (r % 1_000_000) < u64::from(s.drop_ppm) {
+            return None;
+        }
+        let jitter = s.jitter.as_micros() as u64;
+        if jitter == 0 {
+            return Some(s.delay);
+        }
+        let offset = (r >> 20) % (2 * jitter + 1);
+        let base = s.delay.as_micros() as u64;
+        Some(Duration::from_micros(
+            (base + offset).saturating_sub(jitter),
+        ))
     }
 
     fn update(&self, f: impl FnOnce(&mut State)) {
@@ -79,7 +110,10 @@ impl FaultProxy {
             TcpListener::from_std(std_listener)?
         };
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                rng: 0x9e37_79b9_7f4a_7c15 ^ u64::from(listen.port()),
+                ..State::default()
+            }),
             generation: watch::channel(0).0,
         });
         let task = handle.spawn(accept_loop(listener, upstream, shared.clone()));
@@ -123,7 +157,33 @@ impl FaultProxy {
 
     /// Delays every forwarded chunk by `delay` (zero: no delay).
     pub fn set_delay(&self, delay: Duration) {
-        self.shared.update(|s| s.delay = delay);
+        self.set_delay_jitter(delay, Duration::ZERO);
+    }
+
+    /// Delays every forwarded chunk by `delay ± jitter` (uniform), e.g. etcd's
+    /// robustness delay of 75 ± 50 ms.
+    pub fn set_delay_jitter(&self, delay: Duration, jitter: Duration) {
+        self.shared.update(|s| {
+            s.delay = delay;
+            s.jitter = jitter.min(delay);
+        });
+    }
+
+    /// Drops each forwarded chunk, and its connection, with probability `p` (0 stops).
+    pub fn set_drop(&self, p: f64) {
+        let ppm = (p.clamp(0.0, 1.0) * 1_000_000.0) as u32;
+        self.shared.update(|s| s.drop_ppm = ppm);
+    }
+
+    /// Lifts every block, delay and drop.
+    pub fn clear(&self) {
+        self.shared.update(|s| {
+            s.all = false;
+            s.blocked.clear();
+            s.delay = Duration::ZERO;
+            s.jitter = Duration::ZERO;
+            s.drop_ppm = 0;
+        });
     }
 }
 
@@ -206,7 +266,9 @@ async fn pipe(
             to.shutdown().await?;
             return Ok(());
         }
-        let delay = shared.delay();
+        let Some(delay) = shared.next_chunk() else {
+            return Err(std::io::Error::other("dropped by the fault proxy"));
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -303,6 +365,26 @@ mod tests {
         );
         proxy.set_delay(Duration::ZERO);
         round_trip(&mut s, b"fast").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn jitter_stays_in_bounds_and_drop_cuts() {
+        let echo = echo_server().await;
+        let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), echo).unwrap();
+        proxy.set_delay_jitter(Duration::from_millis(75), Duration::from_millis(50));
+        for _ in 0..200 {
+            let d = proxy.shared.next_chunk().unwrap();
+            assert!(d >= Duration::from_millis(25) && d <= Duration::from_millis(125));
+        }
+        let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        let start = Instant::now();
+        round_trip(&mut s, b"jittered").await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        proxy.set_drop(1.0);
+        assert_cut(&mut s).await;
+        proxy.clear();
+        let mut t = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        round_trip(&mut t, b"clear").await.unwrap();
     }
 
     #[tokio::test]

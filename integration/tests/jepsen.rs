@@ -32,7 +32,7 @@
 //! Watches: while the clients and the nemesis run, [`WATCHERS`] logical watchers
 //! watch the `jepsen/` prefix (and narrower ranges) with `progress_notify` (and, on
 //! Concord, ask for progress every second or so). A stream that errors, ends or stays
-//! silent for [`WATCH_IDLE`] (member killed, stopped, cut off), and every stream after
+//! silent for `watchrec::WATCH_IDLE` (member killed, stopped, cut off), and every stream after
 //! a random lifetime, is replaced by a new one on the next member, resumed from the last
 //! observed revision + 1 (the last event's or progress notification's revision). A
 //! writer adds multi-key transactions and range deletes under `jepsen/w/`, so
@@ -53,10 +53,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
 use concord_integration::linearizability::{self, Event, Op, Outcome, Recorder};
-use concord_integration::watchcheck::{self, KeyRange, Response, Session, WatcherHistory};
+use concord_integration::watchcheck::{self, KeyRange, WatcherHistory};
+use concord_integration::watchrec::{WATCH_CATCH_UP, watcher_loop};
 use concord_integration::{Rng, etcd_bin, wait_until};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
 };
 
 /// Keys the clients work on (few, so operations contend).
@@ -94,11 +95,6 @@ const WATCHERS: [(&str, WatchRange, bool); 4] = [
 /// `--experimental-watch-progress-notify-interval` of every member (etcd's flag;
 /// Concord accepts it too).
 const WATCH_PROGRESS_INTERVAL: &str = "1s";
-/// A watch stream without any message for this long is given up (progress
-/// notifications come far more often, so a healthy stream is never this quiet).
-const WATCH_IDLE: Duration = Duration::from_secs(3);
-/// After the run, every watcher must observe the marker's revision within this.
-const WATCH_CATCH_UP: Duration = Duration::from_secs(15);
 /// A dead watch must not pass: at least this many events must be checked.
 const MIN_WATCH_EVENTS: usize = 200;
 
@@ -325,138 +321,6 @@ impl WatchRange {
             WatchRange::Single(k) => KeyRange::single(k),
             WatchRange::Between(k, end) => KeyRange::between(k, end),
         }
-    }
-}
-
-/// The client a watch stream was opened with (kept alive with the stream), the
-/// stream's request side and its response side.
-type WatchConn = (
-    Client,
-    etcd_client::WatchRequestSender,
-    etcd_client::WatchResponseStream,
-);
-
-/// Opens a watch of `range` from `start` on `endpoint` (progress notifications on).
-async fn open_watch(endpoint: &str, range: &KeyRange, start: i64) -> Result<WatchConn> {
-    let client = watchcheck::connect_for_watch(endpoint).await?;
-    let mut opts = WatchOptions::new()
-        .with_start_revision(start)
-        .with_progress_notify();
-    if !range.range_end.is_empty() {
-        opts = opts.with_range(range.range_end.clone());
-    }
-    let stream = client
-        .watch_client()
-        .max_decoding_message_size(64 << 20)
-        .watch(range.key.clone(), Some(opts))
-        .await?;
-    let (tx, rx) = stream.split();
-    Ok((client, tx, rx))
-}
-
-/// Why a watch session ended, for the summary (ports and details stripped).
-fn end_kind(e: &etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            let msg: String = s.message().chars().take(50).collect();
-            format!("{:?}: {msg}", s.code())
-        }
-        other => format!("{other}").chars().take(50).collect(),
-    }
-}
-
-/// One logical watcher: watches `range` from `first_start`, session after session,
-/// until told the final revision (through `finish`) and it has observed it, or
-/// [`WATCH_CATCH_UP`] after that; sends `RequestProgress` now and then if
-/// `request_progress`. Returns its history and, if it did not catch up, the revision
-/// it was to reach.
-#[allow(clippy::too_many_arguments)]
-async fn watcher_loop(
-    name: &'static str,
-    range: KeyRange,
-    endpoints: Vec<String>,
-    mut member: usize,
-    first_start: i64,
-    finish: tokio::sync::watch::Receiver<Option<i64>>,
-    request_progress: bool,
-    seed: u64,
-) -> (WatcherHistory, Option<i64>) {
-    let mut rng = Rng::new(seed);
-    let mut hist = WatcherHistory::new(name, range.clone());
-    let mut observed = first_start - 1;
-    let mut give_up: Option<Instant> = None;
-    loop {
-        let target = *finish.borrow();
-        if let Some(target) = target {
-            if observed >= target {
-                return (hist, None);
-            }
-            let deadline = *give_up.get_or_insert_with(|| Instant::now() + WATCH_CATCH_UP);
-            if Instant::now() >= deadline {
-                return (hist, Some(target));
-            }
-        }
-        let endpoint = endpoints[member].clone();
-        // The next session goes to another member, whatever happens to this one.
-        member = (member + 1) % endpoints.len();
-        let start = observed + 1;
-        let opened = tokio::time::timeout(WATCH_IDLE, open_watch(&endpoint, &range, start)).await;
-        let (_client, mut tx, mut rx) = match opened {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(_)) | Err(_) => {
-                // Down or stopped: try the next member after a short back-off.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let mut session = Session::new(endpoint, start, !hist.sessions.is_empty());
-        // Sessions also end on their own, so resuming is exercised without faults.
-        let retire = Instant::now() + rng.millis(2_000, 6_000);
-        let mut next_progress = Instant::now() + rng.millis(200, 1_000);
-        let mut last_msg = Instant::now();
-        let ended = loop {
-            if finish.borrow().is_some_and(|t| observed >= t) {
-                break "caught up".to_string();
-            }
-            let now = Instant::now();
-            if now >= last_msg + WATCH_IDLE {
-                break format!("no message for {WATCH_IDLE:?}");
-            }
-            if now >= retire && finish.borrow().is_none() {
-                break "retired".to_string();
-            }
-            if now >= next_progress {
-                next_progress = now + rng.millis(200, 1_000);
-                if !request_progress {
-                    // Periodic progress notifications only.
-                } else if let Err(e) = tx.request_progress().await {
-                    break format!("request_progress: {}", end_kind(&e));
-                }
-            }
-            let wake = (last_msg + WATCH_IDLE).min(next_progress).min(retire);
-            let msg = tokio::select! {
-                msg = rx.message() => msg,
-                _ = tokio::time::sleep_until(wake.into()) => continue,
-            };
-            match msg {
-                Ok(Some(msg)) => {
-                    last_msg = Instant::now();
-                    let resp = Response::from_etcd(&msg);
-                    if let Some(rev) = resp.observed_revision() {
-                        observed = observed.max(rev);
-                    }
-                    let canceled = matches!(resp.kind, watchcheck::ResponseKind::Canceled { .. });
-                    session.responses.push(resp);
-                    if canceled {
-                        break format!("canceled: {}", msg.cancel_reason());
-                    }
-                }
-                Ok(None) => break "stream closed".to_string(),
-                Err(e) => break end_kind(&e),
-            }
-        };
-        session.ended = Some(ended);
-        hist.sessions.push(session);
     }
 }
 
@@ -799,6 +663,7 @@ async fn linearizable_under_nemesis() {
         extra: vec![format!(
             "--experimental-watch-progress-notify-interval={WATCH_PROGRESS_INTERVAL}"
         )],
+        bin: None,
     };
     let request_progress = match std::env::var("JEPSEN_WATCH_REQUEST_PROGRESS").as_deref() {
         Ok("1") => true,

@@ -262,6 +262,7 @@ async fn stream_to(channel: Channel, rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
 }
 
 async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> Result<(), String> {
+    fail::fail_point!(concord_storage::failpoints::SNAPSHOT_BEFORE_SEND);
     let channel = ep.connect().await.map_err(|e| e.to_string())?;
     let mut client = PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -303,6 +304,7 @@ async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> R
         .await
         .map_err(|s| s.message().to_string());
     let read = reader.await.map_err(|e| e.to_string())?;
+    fail::fail_point!(concord_storage::failpoints::SNAPSHOT_AFTER_SEND);
     sent?;
     read
 }
@@ -372,6 +374,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Done>, Status> {
+        fail::fail_point!(concord_storage::failpoints::SNAPSHOT_BEFORE_RECEIVE);
         let mut s = req.into_inner();
         let first = s
             .message()
@@ -407,6 +410,7 @@ impl Peer for PeerService {
             bytes = total,
             "snapshot received"
         );
+        fail::fail_point!(concord_storage::failpoints::SNAPSHOT_AFTER_RECEIVE);
         inbox
             .install_snapshot(msg, file)
             .await

@@ -1030,7 +1030,9 @@ impl<O: Send + 'static> Driver<O> {
         let entries = rd.take_entries();
         self.persist(&entries, rd.hs())?;
         self.read_states(rd.take_read_states());
+        fail::fail_point!(concord_storage::failpoints::RAFT_BEFORE_SEND_PERSISTED);
         self.send(rd.take_persisted_messages());
+        fail::fail_point!(concord_storage::failpoints::RAFT_AFTER_SEND_PERSISTED);
         let mut light = self.raw.advance(rd);
         if let Some(c) = light.commit_index() {
             self.raw.mut_store().hard_state.commit = c;

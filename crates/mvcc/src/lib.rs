@@ -24,6 +24,7 @@
 
 mod codec;
 mod error;
+pub mod failpoints;
 mod index;
 mod maintenance;
 mod snapshot;

@@ -147,7 +147,9 @@ impl Store {
         // Also rewrite the last level, where compacted-away revisions leave their
         // deletion markers.
         opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        fail::fail_point!(crate::failpoints::DEFRAG_BEFORE);
         for cf in shared.column_families() {
+            fail::fail_point!(crate::failpoints::DEFRAG_DURING);
             shared.db.flush_cf(cf)?;
             shared
                 .db

@@ -1501,6 +1501,7 @@ fn compact(shared: &Shared, at: i64) -> Result<()> {
             break;
         }
     }
+    fail::fail_point!(crate::failpoints::COMPACT_BEFORE_DELETE);
     let end = rev_key(Revision::new(at + 1, 0));
     let kv = shared.kv();
     let mut batch = WriteBatch::default();
@@ -1523,6 +1524,7 @@ fn compact(shared: &Shared, at: i64) -> Result<()> {
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
     shared.db.write_opt(batch, &wo)?;
+    fail::fail_point!(crate::failpoints::COMPACT_AFTER_FINISH);
     shared
         .db
         .compact_range_cf(kv, None::<&[u8]>, Some(&end[..]));

@@ -207,6 +207,7 @@ impl StateMachine for KvMachine {
     }
 
     fn apply(&mut self, cmds: &[Committed<'_>]) -> Result<Vec<Output>, String> {
+        fail::fail_point!(crate::failpoints::APPLY_BEFORE_BATCH);
         let mut writer = self.store.writer().map_err(|e| e.to_string())?;
         let outputs: Vec<Output> = cmds
             .iter()
@@ -221,7 +222,9 @@ impl StateMachine for KvMachine {
             })
             .collect();
         let last = cmds.last().map(|c| c.index);
+        fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
         let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
+        fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
         crate::watch::publish_changes(&self.hub, changes);
         Ok(outputs)
     }
@@ -243,6 +246,7 @@ impl StateMachine for KvMachine {
     }
 
     fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
+        fail::fail_point!(crate::failpoints::SNAPSHOT_BEFORE_INSTALL);
         self.store.import(image, index).map_err(|e| e.to_string())?;
         self.leases.reload(&self.store)?;
         self.members.reload(&self.store)?;
@@ -250,6 +254,7 @@ impl StateMachine for KvMachine {
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
+        fail::fail_point!(crate::failpoints::SNAPSHOT_AFTER_INSTALL);
         Ok(())
     }
 }

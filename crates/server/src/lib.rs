@@ -31,6 +31,7 @@ pub mod alarm;
 pub mod apply;
 pub mod config;
 pub mod convert;
+pub mod failpoints;
 pub mod lease;
 mod lease_node;
 mod maintenance;

@@ -12,6 +12,8 @@ use tracing_subscriber::EnvFilter;
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = concord_server::failpoints::setup();
     let args = Args::parse();
     let cfg = Config::load(&args)?;
     let filter = EnvFilter::try_from_default_env()
@@ -38,6 +40,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_txn_ops: cfg.max_txn_ops,
     };
     let router = concord_gateway::router(node.clone(), limits);
+    #[cfg(feature = "failpoints")]
+    let router = router.merge(concord_server::failpoints::router());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for addr in cfg.client_listen_addrs()? {

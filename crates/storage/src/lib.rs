@@ -29,6 +29,7 @@
 
 use std::path::PathBuf;
 
+pub mod failpoints;
 mod fsutil;
 pub mod snap;
 pub mod wal;

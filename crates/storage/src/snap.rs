@@ -263,7 +263,9 @@ impl SnapshotWriter {
         let crc = crc32c::crc32c_append(self.crc, &body_len);
         out.write_all(&body_len)?;
         out.write_all(&crc.to_le_bytes())?;
+        fail::fail_point!(crate::failpoints::SNAPSHOT_BEFORE_SAVE);
         let path = install(out, &tmp, &self.dir, &self.meta)?;
+        fail::fail_point!(crate::failpoints::SNAPSHOT_AFTER_SAVE);
         self.tmp = None;
         Ok(SnapshotFile {
             meta: self.meta.clone(),

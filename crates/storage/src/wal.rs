@@ -247,6 +247,7 @@ impl Wal {
             return Ok(());
         }
         let (first, last) = self.validate(entries)?;
+        fail::fail_point!(crate::failpoints::WAL_BEFORE_APPEND);
 
         self.buf.clear();
         for e in entries {
@@ -256,6 +257,7 @@ impl Wal {
             encode_hard_state(&mut self.buf, hs);
         }
         self.persist_buf()?;
+        fail::fail_point!(crate::failpoints::WAL_AFTER_FSYNC);
 
         if let Some(max) = entries.iter().map(|e| e.index).max() {
             let seg = self
@@ -437,6 +439,7 @@ impl Wal {
             // One huge batch should not pin its memory for the life of the node.
             self.buf = Vec::new();
         }
+        fail::fail_point!(crate::failpoints::WAL_BEFORE_FSYNC);
         let synced = take_injected(&mut self.fail_sync_in).and_then(|()| self.active.sync_data());
         if let Err(e) = synced {
             return Err(self.poisoned_by("fsync", e));

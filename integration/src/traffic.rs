@@ -1,0 +1,267 @@
+//! Client traffic for the robustness scenarios: sequential clients issuing a realistic
+//! mix of requests (get, range, serializable get, put, delete, multi-op txn,
+//! compare-and-set, put with a lease, lease revoke, compaction) on a few keys under
+//! [`PREFIX`], each recorded as a [`history::Record`] with invoke / complete times.
+//! Writes that fail in any way are recorded as [`Reply::Unknown`] (they may have been
+//! applied); failed reads as unknown too (they constrain nothing). Every value written
+//! is unique in the run (`c<client>-<n>`), which is what lets the checker tell which
+//! request wrote what.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use crate::Rng;
+use crate::history::{Kv, Record, Reply, Request, TxnWrite};
+
+/// Every key the traffic touches is under this prefix.
+pub const PREFIX: &str = "r/";
+/// The end of [`PREFIX`]'s range.
+pub const PREFIX_END: &str = "r0";
+/// Keys the clients contend on.
+pub const KEYS: usize = 6;
+/// A request that has not answered by then is given up (unknown outcome).
+const OP_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The key of index `i`.
+pub fn key(i: u64) -> String {
+    format!("{PREFIX}k{i}")
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
+    Kv {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: String::from_utf8_lossy(kv.value()).into_owned(),
+        mod_revision: kv.mod_revision(),
+        create_revision: kv.create_revision(),
+        version: kv.version(),
+    }
+}
+
+fn revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
+    h.map_or(0, etcd_client::ResponseHeader::revision)
+}
+
+async fn perform(c: &mut Client, req: &Request) -> Result<Reply, etcd_client::Error> {
+    Ok(match req {
+        Request::Range {
+            start,
+            end,
+            serializable,
+        } => {
+            let mut o = GetOptions::new();
+            if !end.is_empty() {
+                o = o.with_range(end.as_str());
+            }
+            if *serializable {
+                o = o.with_serializable();
+            }
+            let r = c.get(start.as_str(), Some(o)).await?;
+            Reply::Range {
+                revision: revision(r.header()),
+                kvs: r.kvs().iter().map(to_kv).collect(),
+            }
+        }
+        Request::Put { key, value, lease } => {
+            let o = (*lease != 0).then(|| etcd_client::PutOptions::new().with_lease(*lease));
+            let r = c.put(key.as_str(), value.as_str(), o).await?;
+            Reply::Put {
+                revision: revision(r.header()),
+            }
+        }
+        Request::Delete { key } => {
+            let r = c.delete(key.as_str(), None).await?;
+            Reply::Delete {
+                revision: revision(r.header()),
+                deleted: r.deleted(),
+            }
+        }
+        Request::Txn { compares, then } => {
+            let cmps: Vec<Compare> = compares
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => Compare::value(k.as_str(), CompareOp::Equal, v.as_str()),
+                    None => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
+                })
+                .collect();
+            let ops: Vec<TxnOp> = then
+                .iter()
+                .map(|w| match w {
+                    TxnWrite::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
+                    TxnWrite::Delete { key } => TxnOp::delete(key.as_str(), None),
+                })
+                .collect();
+            let r = c.txn(Txn::new().when(cmps).and_then(ops)).await?;
+            Reply::Txn {
+                revision: revision(r.header()),
+                succeeded: r.succeeded(),
+            }
+        }
+        Request::LeaseRevoke { lease } => {
+            let r = c.lease_revoke(*lease).await?;
+            Reply::LeaseRevoke {
+                revision: revision(r.header()),
+            }
+        }
+        Request::Compact { revision } => {
+            c.compact(*revision, None).await?;
+            Reply::Compact
+        }
+    })
+}
+
+/// One client: requests until `stop`, reconnecting to the next endpoint after an
+/// error. `compact_to` is the highest revision it may compact to (the watchers'
+/// progress: compacting what a watcher still needs would cancel it).
+pub async fn client_loop(
+    id: usize,
+    endpoints: Vec<String>,
+    origin: Instant,
+    stop: Instant,
+    seed: u64,
+    compact_to: Arc<AtomicI64>,
+) -> Vec<Record> {
+    let mut rng = Rng::new(seed);
+    let mut history = Vec::new();
+    let mut member = id % endpoints.len();
+    let mut conn: Option<Client> = None;
+    let mut n = 0u64;
+    let mut last_seen: Vec<Option<String>> = vec![None; KEYS];
+    let mut leases: Vec<i64> = Vec::new();
+    let now = |origin: Instant| u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    while Instant::now() < stop {
+        let Some(c) = conn.as_mut() else {
+            match tokio::time::timeout(OP_TIMEOUT, crate::connect(&endpoints[member])).await {
+                Ok(Ok(c)) => conn = Some(c),
+                _ => {
+                    member = (member + 1) % endpoints.len();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            continue;
+        };
+        n += 1;
+        let value = format!("c{id}-{n}");
+        let k = rng.below(KEYS as u64) as usize;
+        let dice = rng.below(100);
+        let req = match dice {
+            0..=19 => Request::Range {
+                start: key(k as u64),
+                end: String::new(),
+                serializable: false,
+            },
+            20..=27 => Request::Range {
+                start: PREFIX.into(),
+                end: PREFIX_END.into(),
+                serializable: false,
+            },
+            28..=34 => Request::Range {
+                start: key(k as u64),
+                end: String::new(),
+                serializable: true,
+            },
+            35..=54 => Request::Put {
+                key: key(k as u64),
+                value,
+                lease: 0,
+            },
+            55..=61 => Request::Delete { key: key(k as u64) },
+            62..=69 => {
+                let other = (k + 1) % KEYS;
+                Request::Txn {
+                    compares: vec![(key(k as u64), last_seen[k].clone())],
+                    then: vec![
+                        TxnWrite::Put {
+                            key: key(k as u64),
+                            value: value.clone(),
+                        },
+                        TxnWrite::Put {
+                            key: key(other as u64),
+                            value: format!("{value}b"),
+                        },
+                    ],
+                }
+            }
+            70..=84 => Request::Txn {
+                compares: vec![(key(k as u64), last_seen[k].clone())],
+                then: vec![TxnWrite::Put {
+                    key: key(k as u64),
+                    value,
+                }],
+            },
+            85..=92 => {
+                // Put with a lease (granted here: a grant writes no revision).
+                match tokio::time::timeout(OP_TIMEOUT, c.lease_grant(30, None)).await {
+                    Ok(Ok(g)) => {
+                        leases.push(g.id());
+                        Request::Put {
+                            key: key(k as u64),
+                            value,
+                            lease: g.id(),
+                        }
+                    }
+                    _ => {
+                        conn = None;
+                        continue;
+                    }
+                }
+            }
+            93..=97 if !leases.is_empty() => {
+                let i = rng.below(leases.len() as u64) as usize;
+                Request::LeaseRevoke {
+                    lease: leases.swap_remove(i),
+                }
+            }
+            _ => {
+                let safe = compact_to.load(Ordering::Acquire) - 5;
+                if safe < 2 {
+                    continue;
+                }
+                Request::Compact {
+                    revision: safe - rng.below(10) as i64,
+                }
+            }
+        };
+        let invoke = now(origin);
+        let r = tokio::time::timeout(OP_TIMEOUT, perform(c, &req)).await;
+        let complete = now(origin);
+        let reply = match r {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                if msg.contains("requested lease not found") || msg.contains("compacted") {
+                    Reply::Failed(msg)
+                } else {
+                    conn = None;
+                    member = (member + 1) % endpoints.len();
+                    Reply::Unknown
+                }
+            }
+            Err(_) => {
+                conn = None;
+                member = (member + 1) % endpoints.len();
+                Reply::Unknown
+            }
+        };
+        if reply == Reply::Unknown {
+            // The member is down or cut off: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let (Request::Range { start, end, .. }, Reply::Range { kvs, .. }) = (&req, &reply)
+            && end.is_empty()
+            && let Some(i) = (0..KEYS).find(|&i| key(i as u64) == *start)
+        {
+            last_seen[i] = kvs.first().map(|kv| kv.value.clone());
+        }
+        history.push(Record {
+            client: id,
+            request: req,
+            reply,
+            invoke,
+            complete,
+        });
+    }
+    history
+}
