@@ -14,6 +14,7 @@
 //! and on 3 members: partition, peer delay (75 ± 50 ms), random drop, blackhole until
 //! a snapshot is needed, member replacement (remove a follower, add a fresh one).
 //!
+//! * `ROBUSTNESS_FAULTS` (e.g. `Partition,Delay,ReplaceMember`) limits the fault kinds;
 //! * `ROBUSTNESS_RUNS` (default 3) runs, `ROBUSTNESS_SECS` (default 12) of traffic
 //!   each, `ROBUSTNESS_SEED` (printed) replays a run sequence; `scripts/robustness.sh
 //!   --runs N` runs many.
@@ -232,8 +233,26 @@ async fn member_id(endpoint: &str) -> Result<u64> {
 /// itself broke (cluster did not recover).
 async fn run(seed: u64, secs: u64, dump: &PathBuf) -> Result<Outcome> {
     let mut rng = Rng::new(seed);
-    let size = if rng.below(3) == 0 { 1 } else { 3 };
-    let faults = if size == 1 { SINGLE } else { MULTI };
+    // `ROBUSTNESS_FAULTS=Partition,Delay` picks among those kinds only (3 members).
+    let only: Vec<Fault> = std::env::var("ROBUSTNESS_FAULTS")
+        .map(|v| {
+            MULTI
+                .iter()
+                .copied()
+                .filter(|f| v.split(',').any(|n| n.trim() == format!("{f:?}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let size = if !only.is_empty() || rng.below(3) != 0 {
+        3
+    } else {
+        1
+    };
+    let faults = match (size, only.is_empty()) {
+        (_, false) => &only[..],
+        (1, true) => SINGLE,
+        _ => MULTI,
+    };
     let fault = faults[rng.below(faults.len() as u64) as usize];
     println!("robustness: seed {seed}: {size} member(s), fault {fault:?}");
     let mut cluster = Cluster::start(
