@@ -602,24 +602,24 @@ async fn snapshot_save_then_restore_serves_the_same_data() {
     dst.proc.kill9();
     std::fs::remove_dir_all(&dst.dir).unwrap();
     let peer = format!("http://127.0.0.1:{}", dst.peer_port);
-    let out = run_ok(
-        concordctl(&[
-            "snapshot",
-            "restore",
-            by_etcdctl.to_str().unwrap(),
-            "--data-dir",
-            dst.dir.to_str().unwrap(),
-            "--name",
-            "n1",
-            "--initial-cluster",
-            &format!("n1={peer}"),
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster-token",
-            "etcd-cluster",
-        ])
-        .unwrap(),
-    );
+    let cluster = format!("n1={peer}");
+    let data_dir = dst.dir.to_str().unwrap().to_string();
+    let restore = [
+        "snapshot",
+        "restore",
+        by_etcdctl.to_str().unwrap(),
+        "--data-dir",
+        &data_dir,
+        "--name",
+        "n1",
+        "--initial-cluster",
+        &cluster,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster-token",
+        "etcd-cluster",
+    ];
+    let out = run_ok(concordctl(&restore).unwrap());
     assert!(out.contains(&format!("revision {rev}")), "{out}");
     dst.restart().await.unwrap();
     let mut d = dst.client().await.unwrap();
@@ -670,20 +670,7 @@ async fn snapshot_save_then_restore_serves_the_same_data() {
     assert_eq!(r.header().unwrap().revision(), rev + 1);
 
     // Restoring over an existing member is refused.
-    let out = concordctl(&[
-        "snapshot",
-        "restore",
-        by_etcdctl.to_str().unwrap(),
-        "--data-dir",
-        dst.dir.to_str().unwrap(),
-        "--name",
-        "n1",
-        "--initial-cluster",
-        &format!("n1={peer}"),
-        "--initial-advertise-peer-urls",
-        &peer,
-    ])
-    .unwrap();
+    let out = concordctl(&restore).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 }
