@@ -17,11 +17,12 @@
 //! `P<run>/<client>/<n>`, unique across runs).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use concord_integration::bench::{Errors, mean_ms, pct_ms, probe_writes, run_for};
+use concord_integration::connect;
 use serde_json::json;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -107,13 +108,6 @@ fn value_for(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn connect(endpoint: &str) -> Result<Client> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(10));
-    Ok(Client::connect([endpoint], Some(opts)).await?)
-}
-
 /// The endpoint of the member every answering member names as leader.
 async fn leader_endpoint(endpoints: &[String]) -> Result<String> {
     let mut ids = Vec::new();
@@ -135,41 +129,9 @@ async fn leader_endpoint(endpoints: &[String]) -> Result<String> {
         .with_context(|| format!("leader {leader:x} is not among the endpoints"))
 }
 
-/// Latency percentile in ms (`sorted` ascending).
-fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
-fn mean_ms(v: &[Duration]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / v.len() as f64
-}
-
 async fn probe(o: &Opts) -> Result<serde_json::Value> {
     let start = Instant::now();
-    for e in &o.endpoints {
-        concord_integration::wait_until(
-            o.deadline.saturating_sub(start.elapsed()),
-            e,
-            || async move {
-                let mut c = connect(e).await?;
-                c.put(format!("{}probe", o.prefix), "x", None).await?;
-                c.get(
-                    format!("{}probe", o.prefix),
-                    Some(GetOptions::new().with_serializable()),
-                )
-                .await?;
-                Ok(())
-            },
-        )
-        .await?;
-    }
+    probe_writes(&o.endpoints, &format!("{}probe", o.prefix), o.deadline).await?;
     // Writes through every member succeed, but a leader that just won may still be
     // settling; agreeing on one is what the latency mode needs.
     concord_integration::wait_until(
@@ -222,16 +184,14 @@ async fn throughput(o: &Opts, run: &str) -> Result<serde_json::Value> {
     for i in 0..o.conns {
         conns.push(connect(&o.endpoints[i % o.endpoints.len()]).await?);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(o.clients);
-    for i in 0..o.clients {
+    let errors = Arc::new(Errors::default());
+    // Puts still in flight when the window closes are counted: the window is measured
+    // up to the last answer.
+    let (lats, secs) = run_for(o.clients, o.seconds, |i, stop| {
         let mut c = conns[i % conns.len()].clone();
-        let (stop, errors, first_error) = (stop.clone(), errors.clone(), first_error.clone());
+        let errors = errors.clone();
         let (prefix, value_size) = (format!("{}{run}/{i}/", o.prefix), o.value_size);
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mut lat = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -239,32 +199,16 @@ async fn throughput(o: &Opts, run: &str) -> Result<serde_json::Value> {
                 let t = Instant::now();
                 match c.put(format!("{prefix}{n:08}"), value, None).await {
                     Ok(_) => lat.push(t.elapsed()),
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        let mut f = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                        f.get_or_insert_with(|| e.to_string());
-                    }
+                    Err(e) => errors.record(e),
                 }
                 n += 1;
             }
             lat
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs_f64(o.seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    // Puts still in flight when the window closes are counted: the window is measured
-    // up to the last answer.
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
-    }
-    let secs = start.elapsed().as_secs_f64();
+        }
+    })
+    .await?;
+    let mut lat: Vec<Duration> = lats.into_iter().flatten().collect();
     lat.sort();
-    let errors = errors.load(Ordering::Relaxed);
-    let first_error = first_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
     Ok(json!({
         "mode": "throughput",
         "clients": o.clients,
@@ -277,8 +221,8 @@ async fn throughput(o: &Opts, run: &str) -> Result<serde_json::Value> {
         "p50_ms": pct_ms(&lat, 0.50),
         "p99_ms": pct_ms(&lat, 0.99),
         "mean_ms": mean_ms(&lat),
-        "errors": errors,
-        "first_error": first_error,
+        "errors": errors.count(),
+        "first_error": errors.first(),
     }))
 }
 

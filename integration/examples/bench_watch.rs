@@ -43,7 +43,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use etcd_client::{Client, ConnectOptions, GetOptions, WatchResponse, WatchResponseStream};
+use concord_integration::bench::{connect_with as connect, probe_writes};
+use etcd_client::{WatchResponse, WatchResponseStream};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -146,14 +147,6 @@ fn rss_kib(pid: Option<u32>) -> Result<Option<u64>> {
         .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
-async fn connect(endpoint: &str, timeout: Option<Duration>) -> Result<Client> {
-    let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
-    if let Some(t) = timeout {
-        opts = opts.with_timeout(t);
-    }
-    Ok(Client::connect([endpoint], Some(opts)).await?)
-}
-
 fn pct_ms(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -165,17 +158,7 @@ fn pct_ms(sorted: &[u64], p: f64) -> f64 {
 async fn probe(o: &Opts) -> Result<serde_json::Value> {
     let start = Instant::now();
     let key = format!("{}probe", o.prefix);
-    concord_integration::wait_until(o.deadline, &o.endpoint, || {
-        let key = key.clone();
-        async move {
-            let mut c = connect(&o.endpoint, Some(Duration::from_secs(5))).await?;
-            c.put(key.clone(), "x", None).await?;
-            c.get(key, Some(GetOptions::new().with_serializable()))
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
+    probe_writes(std::slice::from_ref(&o.endpoint), &key, o.deadline).await?;
     Ok(json!({"mode": "probe", "ready_secs": start.elapsed().as_secs_f64()}))
 }
 

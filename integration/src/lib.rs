@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod bench;
 pub mod cluster;
 pub mod history;
 pub mod linearizability;
