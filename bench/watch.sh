@@ -11,8 +11,7 @@
 #   N=10000 PUTS=300 STREAMS=100 CONNS=10 GAP_MS=20 SCENARIOS="one distinct" bench/watch.sh
 #   CONCORD_BIN=/path/to/target/debug/concord bench/watch.sh   # that binary; the client
 #                                                      # is built in the same profile
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${N:-10000}
 PUTS=${PUTS:-200}
 STREAMS=${STREAMS:-100}
@@ -20,89 +19,24 @@ CONNS=${CONNS:-$STREAMS}
 GAP_MS=${GAP_MS:-20}
 SETTLE_MS=${SETTLE_MS:-1000}
 SCENARIOS=${SCENARIOS:-one distinct}
-ETCD=${ETCD_BIN:-$(command -v etcd || echo /usr/bin/etcd)}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/concord-release}
 
-scripts/deps.sh
-# The client is built in the profile the concord binary comes from (target/<profile>/
-# concord); a binary outside a cargo target dir, or none given, means release.
-profile=release
-if [ -n "${CONCORD_BIN:-}" ]; then
-  d=$(dirname "$CONCORD_BIN")
-  case $(basename "$d") in
-    debug) profile=debug ;;
-    release) profile=release ;;
-    *) [ -d "$d/.fingerprint" ] && profile=$(basename "$d") ;;
-  esac
-fi
-case $profile in
-  debug) pflag=() ;;
-  release) pflag=(--release) ;;
-  *) pflag=(--profile "$profile") ;;
-esac
-# `--workspace` keeps the feature set the same as every other build of the workspace,
-# so nothing is rebuilt for these targets.
-if [ -n "${CONCORD_BIN:-}" ]; then
-  cargo build --quiet "${pflag[@]}" --workspace --example bench_watch
-  CONCORD=$CONCORD_BIN
-else
-  cargo build --quiet "${pflag[@]}" --workspace --bin concord --example bench_watch
-  CONCORD=$CARGO_TARGET_DIR/$profile/concord
-fi
-BENCH=$CARGO_TARGET_DIR/$profile/examples/bench_watch
-
-WORK=$(mktemp -d /tmp/concord-watch-bench.XXXXXX)
-PID=""
-stop_server() {
-  if [ -n "$PID" ]; then
-    kill -9 "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-    PID=""
-  fi
-}
-cleanup() { stop_server; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# start_server KIND DIR: a single member in the background; sets PID and ENDPOINT.
-start_server() {
-  local kind=$1 dir=$2
-  local c="http://127.0.0.1:$(free_port)" p="http://127.0.0.1:$(free_port)"
-  local args=(--name w1 --data-dir "$dir" --listen-client-urls "$c" --advertise-client-urls "$c"
-              --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" --initial-cluster "w1=$p"
-              --initial-cluster-state new --initial-cluster-token "bench-watch-$kind-$$")
-  if [ "$kind" = concord ]; then
-    "$CONCORD" "${args[@]}" >"$dir.log" 2>&1 &
-  else
-    ETCD_UNSUPPORTED_ARCH=$(uname -m) "$ETCD" "${args[@]}" >"$dir.log" 2>&1 &
-  fi
-  PID=$!
-  ENDPOINT=$c
-}
+bench_build bench_watch
+BENCH=$EXAMPLES/bench_watch
+bench_workdir watch-bench
 
 echo "watch bench: N=$N watchers over $STREAMS streams on $CONNS connections, $PUTS puts" \
-     "(gap ${GAP_MS} ms), concord=$CONCORD ($profile client), etcd=$ETCD"
+     "(gap ${GAP_MS} ms), concord=$CONCORD ($PROFILE client), etcd=$ETCD"
 for scenario in $SCENARIOS; do
   for kind in concord etcd; do
     dir=$WORK/$kind-$scenario
-    start_server "$kind" "$dir"
-    if ! "$BENCH" --endpoint "$ENDPOINT" --probe >/dev/null; then
-      echo "$kind did not become ready; log:" >&2
-      tail -n 30 "$dir.log" >&2
-      exit 1
-    fi
-    if ! out=$("$BENCH" --endpoint "$ENDPOINT" --pid "$PID" --scenario "$scenario" \
-                 --watchers "$N" --streams "$STREAMS" --conns "$CONNS" --puts "$PUTS" \
-                 --gap-ms "$GAP_MS" --settle-ms "$SETTLE_MS"); then
-      echo "$kind $scenario run failed; server log:" >&2
-      tail -n 30 "$dir.log" >&2
-      exit 1
-    fi
+    start_single "$kind" "$dir"
+    or_logs "$dir.log" "$BENCH" --endpoint "$ENDPOINT" --probe >/dev/null
+    out=$(or_logs "$dir.log" "$BENCH" --endpoint "$ENDPOINT" --pid "$PID" --scenario "$scenario" \
+            --watchers "$N" --streams "$STREAMS" --conns "$CONNS" --puts "$PUTS" \
+            --gap-ms "$GAP_MS" --settle-ms "$SETTLE_MS")
     echo "$kind $scenario: $out"
     echo "$out" >"$WORK/$kind-$scenario.json"
-    stop_server
+    stop_all
   done
 done
 
