@@ -8,8 +8,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ETCD=${ETCD_BIN:-$(command -v etcd || echo /usr/bin/etcd)}
 TARGET_DIR_GIVEN=${CARGO_TARGET_DIR:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/concord-release}
-# Extra arguments for etcd only (e.g. a larger backend quota).
-ETCD_ARGS=()
+# Extra server arguments, from $CONCORD_FLAGS / $ETCD_FLAGS (split on blanks) and the
+# scripts themselves (e.g. a larger etcd backend quota).
+read -ra CONCORD_ARGS <<<"${CONCORD_FLAGS:-}"
+read -ra ETCD_ARGS <<<"${ETCD_FLAGS:-}"
 PIDS=()
 WORK=""
 
@@ -72,7 +74,7 @@ start_member() {
               --initial-cluster-state new --initial-cluster-token "bench-$kind-$$")
   mkdir -p "$(dirname "$dir")"
   if [ "$kind" = concord ]; then
-    "$CONCORD" "${args[@]}" >>"$dir.log" 2>&1 &
+    "$CONCORD" "${args[@]}" "${CONCORD_ARGS[@]}" >>"$dir.log" 2>&1 &
   else
     ETCD_UNSUPPORTED_ARCH=$(uname -m) "$ETCD" "${args[@]}" "${ETCD_ARGS[@]}" >>"$dir.log" 2>&1 &
   fi

@@ -10,7 +10,7 @@ source "$(dirname "$0")/lib.sh"
 N=${N:-1000000}
 CLIENTS=${CLIENTS:-64}
 VALUE=${VALUE:-256}
-ETCD_ARGS=(--quota-backend-bytes=$((8*1024*1024*1024)))
+ETCD_ARGS+=(--quota-backend-bytes=$((8*1024*1024*1024)))
 
 bench_build bench_load
 LOAD=$EXAMPLES/bench_load
