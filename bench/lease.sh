@@ -8,11 +8,15 @@
 #                      revoking all of them: revokes/s, p50/p99
 #   grant-revoke-keys  the same with one key put with each lease before the revokes, so
 #                      every revoke also deletes a key
-# Prints each run's JSON line, then a table with Concord, etcd and Concord/etcd.
+# Prints each run's JSON line, then a table with Concord, etcd and Concord/etcd. With
+# REPS=n every scenario runs n times (Concord and etcd alternating, a fresh server each
+# time) and the table shows each metric's median over the n runs (checks: the sums), so
+# a burst of other work on the machine moves one run, not the figure.
 #
 #   bench/lease.sh                                     # single members, all scenarios
 #   LEASES=100 CLIENTS=64 CONNS=64 SECS=10 TTL=60 bench/lease.sh
 #   SCENARIOS=keepalive MEMBERS=3 bench/lease.sh       # 3-member clusters
+#   REPS=3 bench/lease.sh                              # medians of 3 runs each
 #   CONCORD_BIN=/path/to/target/debug/concord SECS=2 bench/lease.sh   # that binary; the
 #                                                      # client is built in the same profile
 source "$(dirname "$0")/lib.sh"
@@ -22,6 +26,7 @@ CONNS=${CONNS:-$CLIENTS}
 SECS=${SECS:-10}
 TTL=${TTL:-60}
 MEMBERS=${MEMBERS:-1}
+REPS=${REPS:-1}
 SCENARIOS=${SCENARIOS:-keepalive grant-revoke grant-revoke-keys}
 case $MEMBERS in 1 | 3) ;; *) echo "MEMBERS must be 1 or 3" >&2; exit 2 ;; esac
 
@@ -31,7 +36,6 @@ bench_workdir lease-bench
 
 echo "lease bench: $MEMBERS-member servers, $CLIENTS clients on $CONNS connections, ${SECS} s," \
      "$LEASES leases for keepalive, TTL $TTL s; concord=$CONCORD ($PROFILE client), etcd=$ETCD"
-declare -A R
 for scenario in $SCENARIOS; do
   case $scenario in
     keepalive) args=(--mode keepalive --leases "$LEASES") ;;
@@ -39,35 +43,38 @@ for scenario in $SCENARIOS; do
     grant-revoke-keys) args=(--mode grant-revoke --keys) ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
-  for kind in concord etcd; do
-    if [ "$MEMBERS" = 1 ]; then
-      start_single "$kind" "$WORK/$kind-$scenario/s1"
-      ENDPOINTS=$ENDPOINT
-      logs="$WORK/$kind-$scenario/*.log"
-    else
-      WORK_KIND=$kind-$scenario
-      start_cluster "$WORK_KIND"
-      logs="$WORK/$WORK_KIND/*.log"
-    fi
-    or_logs "$logs" "$BENCH" --endpoints "$ENDPOINTS" --probe >/dev/null
-    out=$(or_logs "$logs" "$BENCH" --endpoints "$ENDPOINTS" "${args[@]}" --clients "$CLIENTS" \
-            --conns "$CONNS" --seconds "$SECS" --ttl "$TTL")
-    echo "$kind $scenario: $out"
-    R[$kind,$scenario]=$out
-    stop_all
+  for rep in $(seq "$REPS"); do
+    for kind in concord etcd; do
+      run=$kind-$scenario-$rep
+      if [ "$MEMBERS" = 1 ]; then
+        start_single "$kind" "$WORK/$run/s1"
+        ENDPOINTS=$ENDPOINT
+      else
+        start_cluster "$run"
+      fi
+      logs="$WORK/$run/*.log"
+      or_logs "$logs" "$BENCH" --endpoints "$ENDPOINTS" --probe >/dev/null
+      out=$(or_logs "$logs" "$BENCH" --endpoints "$ENDPOINTS" "${args[@]}" --clients "$CLIENTS" \
+              --conns "$CONNS" --seconds "$SECS" --ttl "$TTL")
+      echo "$kind $scenario run $rep: $out"
+      echo "$out" >>"$WORK/$kind-$scenario.jsonl"
+      stop_all
+    done
   done
 done
 
 echo
 spread=""
 if [ "$MEMBERS" = 3 ]; then spread=" spread over the 3 members"; fi
+reps=""
+if [ "$REPS" != 1 ]; then reps=" (sums of $REPS runs)"; fi
 echo "$MEMBERS-member servers on one machine; $CLIENTS clients on $CONNS connections$spread," \
-     "${SECS} s per measured phase; TTL $TTL s"
+     "${SECS} s per measured phase; TTL $TTL s; medians of $REPS run(s) per server"
 echo
 echo "| scenario | metric | Concord | etcd | Concord/etcd |"
 echo "|---|---|---:|---:|---:|"
 for scenario in $SCENARIOS; do
-  c=${R[concord,$scenario]}; e=${R[etcd,$scenario]}
+  c=$WORK/concord-$scenario.jsonl; e=$WORK/etcd-$scenario.jsonl
   if [ "$scenario" = keepalive ]; then
     metrics=(renewals_per_sec:"renewals/s ($LEASES leases)" p50_ms:"renewal p50 ms" p99_ms:"renewal p99 ms")
     checks=(ttl_nonpositive wrong_id errors)
@@ -77,11 +84,11 @@ for scenario in $SCENARIOS; do
     checks=(grants revoke_not_found keys_left leases_left grant_errors revoke_errors)
   fi
   for m in "${metrics[@]}"; do
-    table_row "$scenario | ${m#*:}" "$(field "$c" "${m%%:*}")" "$(field "$e" "${m%%:*}")"
+    table_row "$scenario | ${m#*:}" "$(over_runs median "$c" "${m%%:*}")" "$(over_runs median "$e" "${m%%:*}")"
   done
   cc=""; ec=""
   for k in "${checks[@]}"; do
-    cc+="${cc:+ / }$(field "$c" "$k")"; ec+="${ec:+ / }$(field "$e" "$k")"
+    cc+="${cc:+ / }$(over_runs sum "$c" "$k")"; ec+="${ec:+ / }$(over_runs sum "$e" "$k")"
   done
-  echo "| $scenario | checks: ${checks[*]} | $cc | $ec | |"
+  echo "| $scenario | checks$reps: ${checks[*]} | $cc | $ec | |"
 done

@@ -140,6 +140,22 @@ or_logs() {
 # field JSON NAME: one field of a JSON line.
 field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1])[sys.argv[2]]; print("n/a" if v is None else v)' "$1" "$2"; }
 
+# over_runs median|sum FILE NAME: the median or the sum of field NAME over the JSON
+# lines of FILE (one line per run; a field that is null in every run gives "n/a").
+over_runs() {
+  python3 - "$@" <<'PY'
+import json, statistics, sys
+how, path, name = sys.argv[1:]
+vals = [v for v in (json.loads(l)[name] for l in open(path) if l.strip()) if v is not None]
+if not vals:
+    print("n/a")
+elif how == "sum":
+    print(sum(vals))
+else:
+    print(statistics.median(vals))
+PY
+}
+
 # round V: 3 significant-ish digits (no decimals from 100 up, 2 below).
 round() { python3 -c 'import sys; v=float(sys.argv[1]); print(f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}")' "$1"; }
 
