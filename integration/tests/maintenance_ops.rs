@@ -379,21 +379,7 @@ async fn a_cluster_agrees_on_hashkv_alarms_and_moves_its_leader() {
     let mut hashes = Vec::new();
     for i in 0..3 {
         let mut m = cluster.client(i).await.unwrap();
-        wait_until(
-            Duration::from_secs(10),
-            "member applied the revision",
-            || {
-                let mut m = m.clone();
-                async move {
-                    m.hash_kv(rev).await?;
-                    Ok(())
-                }
-            },
-        )
-        .await
-        .unwrap();
-        let h = m.hash_kv(rev).await.unwrap();
-        hashes.push((h.hash(), h.compact_version()));
+        hashes.push(hash_kv_once_applied(&mut m, rev).await);
     }
     assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
     assert_eq!(hashes[0].1, 30);
@@ -867,19 +853,8 @@ async fn a_snapshot_restores_into_a_new_three_member_cluster() {
     assert_eq!(r.header().unwrap().revision(), rev + 1);
     for i in 0..3 {
         let mut m = cluster.client(i).await.unwrap();
-        wait_until(
-            Duration::from_secs(10),
-            "member applied the new write",
-            || {
-                let mut m = m.clone();
-                async move {
-                    m.hash_kv(rev + 1).await?;
-                    Ok(())
-                }
-            },
-        )
-        .await
-        .unwrap();
+        // Once the member has the new write, its HashKV at the restored revision.
+        hash_kv_once_applied(&mut m, rev + 1).await;
         let h = m.hash_kv(rev).await.unwrap();
         assert_eq!(
             (h.hash(), h.compact_version()),
@@ -891,4 +866,24 @@ async fn a_snapshot_restores_into_a_new_three_member_cluster() {
         got.retain(|kv| kv.0 != b"after");
         assert_eq!(got, want, "member n{}", i + 1);
     }
+}
+
+/// `(hash, compact revision)` of HashKV at `rev` on `m`'s member, once it has applied
+/// `rev` (followers may lag a little behind the write that made it).
+async fn hash_kv_once_applied(m: &mut etcd_client::Client, rev: i64) -> (u32, i64) {
+    wait_until(
+        Duration::from_secs(10),
+        "member applied the revision",
+        || {
+            let mut m = m.clone();
+            async move {
+                m.hash_kv(rev).await?;
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let h = m.hash_kv(rev).await.unwrap();
+    (h.hash(), h.compact_version())
 }
