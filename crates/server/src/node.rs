@@ -242,9 +242,6 @@ impl Node {
             .filter(|m| m.id != identity.member_id)
             .filter_map(|m| Some((m.id, m.peer_ur_ls.first()?.clone())))
             .collect();
-        for (id, url) in &peer_list {
-            transport.set_peer(*id, url);
-        }
         let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
         let force = cfg.force_new_cluster && existed;
         let mut rcfg = consensus::Config::new(identity.member_id, voters, raft_dir);
