@@ -220,13 +220,7 @@ async fn nospace_with_a_small_quota_then_free_space_and_disarm() {
     c.delete("big", Some(etcd_client::DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    let rev = concord_integration::revision(&mut c).await;
-    c.compact(
-        rev,
-        Some(etcd_client::CompactionOptions::new().with_physical()),
-    )
-    .await
-    .unwrap();
+    compact_to_now(&mut c).await;
     c.defragment().await.unwrap();
     let size = c.status().await.unwrap().db_size();
     assert!(size < 1_000_000, "{size} bytes after defragmenting");
@@ -730,13 +724,7 @@ async fn defrag_does_not_stall_a_concurrent_load() {
             c.txn(Txn::new().and_then(ops)).await.unwrap();
         }
     }
-    let rev = concord_integration::revision(&mut c).await;
-    c.compact(
-        rev,
-        Some(etcd_client::CompactionOptions::new().with_physical()),
-    )
-    .await
-    .unwrap();
+    compact_to_now(&mut c).await;
     let ep = s.endpoint();
     let window = Duration::from_secs(4);
 
@@ -886,4 +874,15 @@ async fn hash_kv_once_applied(m: &mut etcd_client::Client, rev: i64) -> (u32, i6
     .unwrap();
     let h = m.hash_kv(rev).await.unwrap();
     (h.hash(), h.compact_version())
+}
+
+/// Compacts `c`'s store physically up to its current revision.
+async fn compact_to_now(c: &mut etcd_client::Client) {
+    let rev = concord_integration::revision(c).await;
+    c.compact(
+        rev,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await
+    .unwrap();
 }
