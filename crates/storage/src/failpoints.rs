@@ -54,6 +54,35 @@ pub const DEFRAG_BEFORE: &str = "defrag_before";
 /// mvcc: between two column families of a defragmentation.
 pub const DEFRAG_DURING: &str = "defrag_during";
 
+/// Planted bug (simulation only): a linearizable read skips the ReadIndex round and
+/// reads whatever this member has applied.
+pub const BUG_READ_WITHOUT_READ_INDEX: &str = "bug_read_without_read_index";
+/// Planted bug (simulation only): the WAL reports a batch durable without its fsync, so
+/// Raft acknowledges entries a crash can still take away.
+pub const BUG_ACK_BEFORE_FSYNC: &str = "bug_ack_before_fsync";
+/// Planted bug (simulation only): the apply thread applies the last command of every
+/// batch a second time.
+pub const BUG_APPLY_TWICE: &str = "bug_apply_twice";
+
+/// The planted bugs: failpoints that make Concord wrong on purpose, so tests can show
+/// the simulation's checkers catch each one. Armed with `return`; never drawn by the
+/// random crash faults (they are not in [`ALL`]).
+pub const PLANTED_BUGS: &[&str] = &[
+    BUG_READ_WITHOUT_READ_INDEX,
+    BUG_ACK_BEFORE_FSYNC,
+    BUG_APPLY_TWICE,
+];
+
+/// Whether planted bug `name` is armed (always false without the `failpoints` feature).
+pub fn planted(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::fail_point!(name, |_| true);
+    }
+    let _ = name;
+    false
+}
+
 /// Every failpoint, in the order a write meets them.
 pub const ALL: &[&str] = &[
     WAL_BEFORE_APPEND,
@@ -86,5 +115,6 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), super::ALL.len());
+        assert!(super::PLANTED_BUGS.iter().all(|b| !super::ALL.contains(b)));
     }
 }

@@ -128,6 +128,8 @@ pub struct Wal {
     segments: Vec<Segment>,
     active: File,
     active_len: u64,
+    /// How much of the active segment the last fsync covered.
+    synced_len: u64,
     first_entry: Option<u64>,
     last_entry: Option<u64>,
     snapshot: Option<SnapshotMark>,
@@ -222,6 +224,7 @@ impl Wal {
             segments,
             active,
             active_len,
+            synced_len: active_len,
             first_entry,
             last_entry,
             snapshot: replay.snapshot.clone(),
@@ -374,6 +377,20 @@ impl Wal {
         &self.dir
     }
 
+    /// Simulates a power cut for in-process crash tests: cuts the active segment back
+    /// to what its last fsync covered (segments before it were fsynced whole) and
+    /// returns how many bytes were lost. The WAL must not be used afterwards; reopen it.
+    #[doc(hidden)]
+    pub fn lose_unsynced(&mut self) -> Result<u64> {
+        let lost = self.active_len.saturating_sub(self.synced_len);
+        if lost > 0 {
+            self.active.set_len(self.synced_len)?;
+            self.active.sync_all()?;
+        }
+        self.poison = Some("crashed".into());
+        Ok(lost)
+    }
+
     /// Test hook: the next fsync fails as if the disk had reported an error.
     #[doc(hidden)]
     pub fn inject_sync_failure(&mut self) {
@@ -440,10 +457,14 @@ impl Wal {
             self.buf = Vec::new();
         }
         fail::fail_point!(crate::failpoints::WAL_BEFORE_FSYNC);
+        if crate::failpoints::planted(crate::failpoints::BUG_ACK_BEFORE_FSYNC) {
+            return Ok(());
+        }
         let synced = take_injected(&mut self.fail_sync_in).and_then(|()| self.active.sync_data());
         if let Err(e) = synced {
             return Err(self.poisoned_by("fsync", e));
         }
+        self.synced_len = self.active_len;
         Ok(())
     }
 
@@ -465,6 +486,7 @@ impl Wal {
                 debug!(segment = %path.display(), "started WAL segment");
                 self.active = file;
                 self.active_len = len;
+                self.synced_len = len;
                 self.segments.push(Segment {
                     seq,
                     path,
