@@ -22,19 +22,42 @@ pub enum Error {
     Stopped,
     #[error("storage: {0}")]
     Storage(#[from] concord_storage::Error),
+    /// raft-rs refused or failed an operation.
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[from] raft::Error),
+    /// A stored or received Raft record does not decode.
+    #[error("{what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: protobuf::ProtobufError,
+    },
+    /// The log, a snapshot and the state machine disagree in a way Raft cannot go on
+    /// from (a bug or a damaged data directory).
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The state machine failed (fatal: the node stops).
     #[error("state machine: {0}")]
-    StateMachine(String),
+    StateMachine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A peer could not be asked (unreachable, not a member, or it refused).
+    #[error("peer {url}: {reason}")]
+    Peer { url: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
-impl From<raft::Error> for Error {
-    fn from(e: raft::Error) -> Self {
-        Error::Raft(e.to_string())
+impl Error {
+    /// A decoding failure of `what`.
+    pub(crate) fn decode(what: impl Into<String>) -> impl FnOnce(protobuf::ProtobufError) -> Error {
+        let what = what.into();
+        move |source| Error::Decode { what, source }
+    }
+
+    /// A state machine's failure.
+    pub(crate) fn state_machine(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::StateMachine(Box::new(e))
     }
 }
 

@@ -20,7 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::peerpb::peer_client::PeerClient;
 use crate::peerpb::peer_server::{Peer, PeerServer};
 use crate::peerpb::{AttributesReply, Done, RaftBatch, SnapshotChunk};
-use crate::transport::{Inbox, Transport};
+pub use crate::transport::Attributes;
+use crate::transport::{AttributesFuture, Inbox, Transport};
 
 /// Messages queued for one peer at most; more are dropped while it is slow or away.
 const PEER_QUEUE: usize = 4096;
@@ -81,7 +82,7 @@ impl GrpcTransport {
     }
 
     /// Adds a peer, or changes where it is reached (membership changes).
-    pub fn set_peer(&self, id: u64, url: &str) {
+    fn add_peer(&self, id: u64, url: &str) {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if peers.get(&id).map(String::as_str) == Some(url) {
             return;
@@ -94,7 +95,7 @@ impl GrpcTransport {
     }
 
     /// Stops sending to a peer (it was removed).
-    pub fn remove_peer(&self, id: u64) {
+    fn drop_peer(&self, id: u64) {
         self.peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -162,6 +163,24 @@ impl Transport for GrpcTransport {
                 Err(e) => tracing::error!(error = %e, "encoding a raft message"),
             }
         }
+    }
+
+    fn set_peer(&self, id: u64, url: &str) {
+        self.add_peer(id, url);
+    }
+
+    fn remove_peer(&self, id: u64) {
+        self.drop_peer(id);
+    }
+
+    fn fetch_attributes(&self, url: &str) -> AttributesFuture {
+        let url = url.to_string();
+        let local_ip = self.local_ip;
+        Box::pin(async move {
+            fetch_attributes(&url, local_ip)
+                .await
+                .map_err(|reason| crate::Error::Peer { url, reason })
+        })
     }
 
     fn send_snapshot(&self, msg: Message, file: Arc<SnapshotFile>) {
@@ -323,9 +342,6 @@ pub async fn fetch_attributes(url: &str, local_ip: Option<IpAddr>) -> Result<Vec
         .map_err(|s| s.message().to_string())?;
     Ok(reply.into_inner().attributes)
 }
-
-/// What a member publishes to peers that ask, made afresh for each question.
-pub type Attributes = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// The `Peer` service: delivers what peers send into this node's inbox.
 #[derive(Clone)]

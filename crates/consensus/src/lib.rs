@@ -39,4 +39,4 @@ pub(crate) mod peerpb {
 pub use error::{Error, Result};
 pub use membership::{ChangeKind, Configuration, MemberChange};
 pub use node::{Committed, Config, Handle, Node, Role, StateMachine, Status, start};
-pub use transport::{Inbox, Transport};
+pub use transport::{Attributes, AttributesFuture, Inbox, Transport};

@@ -61,8 +61,8 @@ pub(crate) fn to_raft(c: &MemberChange, proposal: u64) -> ConfChange {
 
 /// Decodes a committed change entry: the change and the proposal id.
 pub(crate) fn from_entry(data: &[u8]) -> Result<(ConfChange, MemberChange, u64)> {
-    let cc = ConfChange::parse_from_bytes(data)
-        .map_err(|e| Error::Raft(format!("membership change entry: {e}")))?;
+    let cc =
+        ConfChange::parse_from_bytes(data).map_err(Error::decode("membership change entry"))?;
     let kind = match cc.get_change_type() {
         ConfChangeType::AddNode => ChangeKind::AddVoter,
         ConfChangeType::AddLearnerNode => ChangeKind::AddLearner,

@@ -114,6 +114,8 @@ pub struct Committed<'a> {
 pub trait StateMachine: Send + 'static {
     /// The result of one command, returned to its proposer.
     type Output: Send + 'static;
+    /// Why applying, snapshotting or restoring failed (fatal: the node stops).
+    type Error: std::error::Error + Send + Sync + 'static;
 
     /// Index of the last entry whose effects are durable in the state machine.
     fn applied_index(&self) -> u64;
@@ -121,11 +123,14 @@ pub trait StateMachine: Send + 'static {
     /// Applies commands in order and makes them durable together with the index of the
     /// last one (so replay after a crash neither loses nor repeats one). One output per
     /// command. An `Err` is fatal: the node stops.
-    fn apply(&mut self, cmds: &[Committed<'_>]) -> std::result::Result<Vec<Self::Output>, String>;
+    fn apply(
+        &mut self,
+        cmds: &[Committed<'_>],
+    ) -> std::result::Result<Vec<Self::Output>, Self::Error>;
 
     /// A point-in-time image of the state as of [`StateMachine::applied_index`]; may be
     /// read on another thread while applying continues.
-    fn snapshot(&mut self) -> std::result::Result<Box<dyn Read + Send>, String>;
+    fn snapshot(&mut self) -> std::result::Result<Box<dyn Read + Send>, Self::Error>;
 
     /// Replaces the whole state with an image made by [`StateMachine::snapshot`] on
     /// some member, recording `index` as applied. An `Err` is fatal.
@@ -134,23 +139,17 @@ pub trait StateMachine: Send + 'static {
         image: &mut dyn Read,
         index: u64,
         term: u64,
-    ) -> std::result::Result<(), String>;
+    ) -> std::result::Result<(), Self::Error>;
 
     /// Applies a committed membership change at `index`, durably with the index like
     /// [`StateMachine::apply`]; `config` is Raft's configuration after it. Raft has
-    /// already applied it. The output goes to its proposer. The default refuses (the
-    /// node stops): a state machine that can meet changes must implement this.
+    /// already applied it. The output goes to its proposer.
     fn apply_change(
         &mut self,
         index: u64,
         change: &MemberChange,
         config: &Configuration,
-    ) -> std::result::Result<Self::Output, String> {
-        let _ = (change, config);
-        Err(format!(
-            "membership change at index {index}: not supported by this state machine"
-        ))
-    }
+    ) -> std::result::Result<Self::Output, Self::Error>;
 }
 
 /// A node's role in its Raft group.
@@ -174,8 +173,11 @@ impl From<StateRole> for Role {
     }
 }
 
-/// The node's view of the group, as of its last Ready round.
-#[derive(Debug, Clone, Copy, Default)]
+/// The node's view of the group, as of its last Ready round (and, for `applied`, its
+/// last applied batch). Published on a `tokio::sync::watch` channel
+/// ([`Handle::subscribe`]): whoever waits for a condition on it (a leader, a role, an
+/// applied index, a membership) waits on that channel, never in a polling loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     pub id: u64,
     /// 0 when no leader is known.
@@ -185,6 +187,8 @@ pub struct Status {
     pub last_index: u64,
     pub applied: u64,
     pub role: Role,
+    /// Raft's voters and learners as this node knows them.
+    pub membership: Configuration,
 }
 
 pub(crate) enum NodeMsg {
@@ -195,7 +199,7 @@ pub(crate) enum NodeMsg {
     Unreachable(u64),
     SnapshotStatus(u64, bool),
     InstallSnapshot(Message, Arc<SnapshotFile>),
-    SnapshotDone(std::result::Result<SnapshotFile, String>),
+    SnapshotDone(std::result::Result<SnapshotFile, Error>),
     TransferLeader(u64),
     Campaign,
 }
@@ -205,11 +209,15 @@ type Waiters<O> = Mutex<HashMap<u64, oneshot::Sender<Result<O>>>>;
 struct Shared<O> {
     id: u64,
     waiters: Waiters<O>,
-    status: Mutex<Status>,
+    /// The node's state: written by the raft thread (role, leader, term, indexes,
+    /// membership) and the apply thread (`applied`).
+    state: watch::Sender<Status>,
     /// On the leader: each member's matched index.
     progress: Mutex<Vec<(u64, u64)>>,
-    applied: watch::Sender<u64>,
     stopped: watch::Sender<bool>,
+    /// Set by [`Node::crash`]: the raft thread ends without another write, and the
+    /// WAL loses what was not fsynced, as at a power cut.
+    crashed: AtomicBool,
 }
 
 impl<O> Shared<O> {
@@ -221,7 +229,7 @@ impl<O> Shared<O> {
     }
 
     fn status(&self) -> Status {
-        *self.status.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.borrow().clone()
     }
 
     fn complete(&self, id: u64, r: Result<O>) {
@@ -336,6 +344,11 @@ impl<O: Send + 'static> Handle<O> {
     /// them. Returns the read index. Concurrent callers share one ReadIndex round.
     pub async fn read_index(&self) -> Result<u64> {
         self.check_serving()?;
+        // A planted bug for the simulation's checkers: read the local state at once.
+        fail::fail_point!(
+            concord_storage::failpoints::BUG_READ_WITHOUT_READ_INDEX,
+            |_| { Ok(self.shared.status().applied) }
+        );
         let deadline = tokio::time::Instant::now() + self.timeout;
         let (tx, rx) = oneshot::channel();
         tokio::time::timeout_at(deadline, self.tx.send(NodeMsg::Read(tx)))
@@ -346,8 +359,8 @@ impl<O: Send + 'static> Handle<O> {
             .await
             .map_err(|_| Error::Timeout)?
             .map_err(|_| Error::Stopped)??;
-        let mut applied = self.shared.applied.subscribe();
-        tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index))
+        let mut state = self.shared.state.subscribe();
+        tokio::time::timeout_at(deadline, state.wait_for(|s| s.applied >= index))
             .await
             .map_err(|_| Error::Timeout)?
             .map_err(|_| Error::Stopped)?;
@@ -372,9 +385,13 @@ impl<O: Send + 'static> Handle<O> {
 
     /// The node's current view of the group.
     pub fn status(&self) -> Status {
-        let mut s = self.shared.status();
-        s.applied = *self.shared.applied.borrow();
-        s
+        self.shared.status()
+    }
+
+    /// The node's state as a signal: wait on it (`wait_for`, `changed`) for a leader,
+    /// a role, an applied index or a membership, instead of polling [`Handle::status`].
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.shared.state.subscribe()
     }
 
     /// Asks the leader to hand leadership to `to` (call on the leader).
@@ -424,6 +441,15 @@ impl<O: Send + 'static> Node<O> {
             let _ = t.join();
         }
     }
+
+    /// Stops the node as a crash would, for fault tests in one process: the raft
+    /// thread makes no further write, and the WAL loses whatever it wrote but did not
+    /// fsync (as at a power cut; with a correct WAL that is nothing). Waits for the
+    /// threads, so the data directory can be opened again.
+    pub fn crash(self) {
+        self.handle.shared.crashed.store(true, Ordering::Release);
+        self.shutdown();
+    }
 }
 
 fn to_storage_hs(hs: &HardState) -> storage::HardState {
@@ -441,8 +467,7 @@ fn snapshot_metadata(meta: &SnapshotMeta) -> Result<SnapshotMetadata> {
         ..Default::default()
     };
     m.set_conf_state(
-        ConfState::parse_from_bytes(&meta.meta)
-            .map_err(|e| Error::Raft(format!("snapshot conf state: {e}")))?,
+        ConfState::parse_from_bytes(&meta.meta).map_err(Error::decode("snapshot conf state"))?,
     );
     Ok(m)
 }
@@ -500,20 +525,21 @@ pub fn start<S: StateMachine>(
             "restoring the state machine from a snapshot"
         );
         sm.restore(&mut file.body_reader()?, mark.index, mark.term)
-            .map_err(Error::StateMachine)?;
+            .map_err(Error::state_machine)?;
         applied = mark.index;
         applied_term = mark.term;
     }
     let mut conf_state = match &rec.snapshot {
-        Some(m) if !m.meta.is_empty() => ConfState::parse_from_bytes(&m.meta)
-            .map_err(|e| Error::Raft(format!("conf state in the WAL: {e}")))?,
+        Some(m) if !m.meta.is_empty() => {
+            ConfState::parse_from_bytes(&m.meta).map_err(Error::decode("conf state in the WAL"))?
+        }
         _ => ConfState::from((cfg.peers.clone(), cfg.learners.clone())),
     };
     let mut entries = Vec::with_capacity(rec.entries.len());
     for e in &rec.entries {
         entries.push(
             Entry::parse_from_bytes(&e.data)
-                .map_err(|err| Error::Raft(format!("WAL entry {}: {err}", e.index)))?,
+                .map_err(Error::decode(format!("WAL entry {}", e.index)))?,
         );
     }
     // Raft re-delivers only what the state machine has not applied: the membership
@@ -594,13 +620,15 @@ pub fn start<S: StateMachine>(
     let shared = Arc::new(Shared {
         id: cfg.id,
         waiters: Mutex::new(HashMap::new()),
-        status: Mutex::new(Status {
+        state: watch::Sender::new(Status {
             id: cfg.id,
+            applied,
+            membership: Configuration::from(&conf_state),
             ..Default::default()
         }),
         progress: Mutex::new(Vec::new()),
-        applied: watch::Sender::new(applied),
         stopped: watch::Sender::new(false),
+        crashed: AtomicBool::new(false),
     });
     let inbox = Inbox {
         id: cfg.id,
@@ -630,7 +658,7 @@ pub fn start<S: StateMachine>(
         snapshot_count: cfg.snapshot_count,
         conf_bytes: conf_state
             .write_to_bytes()
-            .map_err(|e| Error::Raft(e.to_string()))?,
+            .map_err(Error::decode("conf state"))?,
         last_snapshot: latest
             .as_ref()
             .map_or(0, |f| f.meta().index)
@@ -755,6 +783,15 @@ impl<O: Send + 'static> Driver<O> {
         });
         if let Err(e) = &result {
             tracing::error!(member_id = self.cfg.id, error = %e, "raft thread failed; the node stops");
+        }
+        if self.shared.crashed.load(Ordering::Acquire) {
+            match self.wal.lose_unsynced() {
+                Ok(0) => {}
+                Ok(bytes) => {
+                    tracing::warn!(bytes, "crash: the WAL lost what it had not fsynced")
+                }
+                Err(e) => tracing::warn!(error = %e, "crash: truncating the WAL failed"),
+            }
         }
         self.shared.stop(if result.is_ok() {
             "raft thread ended"
@@ -972,7 +1009,9 @@ impl<O: Send + 'static> Driver<O> {
                     .clone()
                     .filter(|f| f.meta().index == meta.index)
             })
-            .ok_or_else(|| Error::Raft(format!("accepted snapshot {} has no file", meta.index)))?;
+            .ok_or_else(|| {
+                Error::Inconsistent(format!("accepted snapshot {} has no file", meta.index))
+            })?;
         self.received.clear();
         self.wal.mark_snapshot(&SnapshotMark {
             index: meta.index,
@@ -980,7 +1019,7 @@ impl<O: Send + 'static> Driver<O> {
             meta: meta
                 .get_conf_state()
                 .write_to_bytes()
-                .map_err(|e| Error::Raft(e.to_string()))?,
+                .map_err(Error::decode("conf state"))?,
         })?;
         self.raw.mut_store().apply_snapshot(&meta);
         tracing::info!(
@@ -1004,9 +1043,7 @@ impl<O: Send + 'static> Driver<O> {
             records.push(storage::Entry {
                 index: e.index,
                 term: e.term,
-                data: e
-                    .write_to_bytes()
-                    .map_err(|err| Error::Raft(err.to_string()))?,
+                data: e.write_to_bytes().map_err(Error::decode("raft record"))?,
             });
         }
         // One fsync covers the entries and the hard state (group commit).
@@ -1047,20 +1084,26 @@ impl<O: Send + 'static> Driver<O> {
     fn publish_status(&mut self) {
         let r = &self.raw.raft;
         let leader = r.leader_id;
-        let status = Status {
-            id: self.cfg.id,
-            leader,
-            term: r.term,
-            commit: r.raft_log.committed,
-            last_index: r.raft_log.last_index(),
-            applied: 0,
-            role: r.state.into(),
-        };
-        *self
-            .shared
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = status;
+        let role: Role = r.state.into();
+        let (term, commit, last_index) = (r.term, r.raft_log.committed, r.raft_log.last_index());
+        let conf = self.raw.store().conf_state.clone();
+        self.shared.state.send_if_modified(|s| {
+            let membership_changed =
+                s.membership.voters != conf.voters || s.membership.learners != conf.learners;
+            let changed = membership_changed
+                || (s.leader, s.term, s.commit, s.last_index, s.role)
+                    != (leader, term, commit, last_index, role);
+            s.leader = leader;
+            s.term = term;
+            s.commit = commit;
+            s.last_index = last_index;
+            s.role = role;
+            if membership_changed {
+                s.membership = Configuration::from(&conf);
+            }
+            changed
+        });
+        let r = &self.raw.raft;
         let progress = if r.state == StateRole::Leader {
             r.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
         } else {
@@ -1144,14 +1187,12 @@ impl<S: StateMachine> Applier<S> {
                     let out = self
                         .sm
                         .apply_change(e.index, &change, &Configuration::from(&cs))
-                        .map_err(Error::StateMachine)?;
-                    self.conf_bytes = cs
-                        .write_to_bytes()
-                        .map_err(|err| Error::Raft(err.to_string()))?;
+                        .map_err(Error::state_machine)?;
+                    self.conf_bytes = cs.write_to_bytes().map_err(Error::decode("raft record"))?;
                     self.shared.complete(proposal, Ok(out));
                 }
                 EntryType::EntryConfChangeV2 => {
-                    return Err(Error::Raft(format!(
+                    return Err(Error::Inconsistent(format!(
                         "entry {}: joint membership changes are not used by Concord",
                         e.index
                     )));
@@ -1164,7 +1205,8 @@ impl<S: StateMachine> Applier<S> {
         {
             self.applied = last.index;
             self.applied_term = last.term;
-            self.shared.applied.send_replace(self.applied);
+            let applied = self.applied;
+            self.shared.state.send_modify(|s| s.applied = applied);
         }
         self.maybe_snapshot();
         Ok(())
@@ -1174,7 +1216,12 @@ impl<S: StateMachine> Applier<S> {
         if cmds.is_empty() {
             return Ok(());
         }
-        let outputs = self.sm.apply(cmds).map_err(Error::StateMachine)?;
+        let outputs = self.sm.apply(cmds).map_err(Error::state_machine)?;
+        if storage::failpoints::planted(storage::failpoints::BUG_APPLY_TWICE)
+            && let Some(last) = cmds.last()
+        {
+            self.sm.apply(&[*last]).map_err(Error::state_machine)?;
+        }
         for (id, out) in ids.drain(..).zip(outputs) {
             self.shared.complete(id, Ok(out));
         }
@@ -1190,7 +1237,7 @@ impl<S: StateMachine> Applier<S> {
         let started = Instant::now();
         self.sm
             .restore(&mut file.body_reader()?, meta.index, meta.term)
-            .map_err(Error::StateMachine)?;
+            .map_err(Error::state_machine)?;
         tracing::info!(
             index = meta.index,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -1200,7 +1247,8 @@ impl<S: StateMachine> Applier<S> {
         self.applied_term = meta.term;
         self.conf_bytes = meta.meta;
         self.last_snapshot = meta.index;
-        self.shared.applied.send_replace(self.applied);
+        let applied = self.applied;
+        self.shared.state.send_modify(|s| s.applied = applied);
         Ok(())
     }
 
@@ -1230,10 +1278,10 @@ impl<S: StateMachine> Applier<S> {
         let spawned = thread::Builder::new()
             .name("raft-snapshot".into())
             .spawn(move || {
-                let r = (|| -> std::result::Result<SnapshotFile, String> {
-                    let mut w = snaps.create(&meta).map_err(|e| e.to_string())?;
-                    std::io::copy(&mut image, &mut w).map_err(|e| e.to_string())?;
-                    w.finish().map_err(|e| e.to_string())
+                let r = (|| -> Result<SnapshotFile> {
+                    let mut w = snaps.create(&meta)?;
+                    std::io::copy(&mut image, &mut w)?;
+                    Ok(w.finish()?)
                 })();
                 let _ = node_tx.blocking_send(NodeMsg::SnapshotDone(r));
                 busy.store(false, Ordering::Release);

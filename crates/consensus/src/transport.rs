@@ -3,6 +3,8 @@
 //! node's [`Inbox`]. [`crate::grpc`] carries them over the network, [`crate::local`]
 //! between nodes in one process (with faults, for tests).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use concord_storage::{ImportWriter, SnapshotFile, SnapshotStore};
@@ -13,7 +15,17 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::node::NodeMsg;
 
-/// Carries a node's outgoing Raft messages.
+/// What a member publishes to peers that ask (its member list, name and client URLs,
+/// as bytes the server defines), made afresh for each question.
+pub type Attributes = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// A peer's answer to [`Transport::fetch_attributes`].
+pub type AttributesFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>;
+
+/// Carries a node's outgoing Raft messages, and the one question members ask each
+/// other outside Raft (what a peer publishes about itself). The member is built on an
+/// `Arc<dyn Transport>`: [`crate::grpc::GrpcTransport`] in the binary,
+/// [`crate::local::LocalNetwork`] for members of one process.
 pub trait Transport: Send + Sync + 'static {
     /// Called once, before the first message is sent, with the sending node's inbox
     /// (where delivery failures are reported).
@@ -24,6 +36,17 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a snapshot file, then `msg` (the MsgSnapshot that refers to it); reports
     /// the outcome through the inbox's [`Inbox::snapshot_status`].
     fn send_snapshot(&self, msg: Message, file: Arc<SnapshotFile>);
+    /// Member `id` is reached at peer URL `url` (added, or moved). A transport that
+    /// routes by id needs nothing more.
+    fn set_peer(&self, id: u64, url: &str) {
+        let _ = (id, url);
+    }
+    /// Member `id` was removed: stop sending to it.
+    fn remove_peer(&self, id: u64) {
+        let _ = id;
+    }
+    /// Asks the member listening on peer URL `url` what it publishes.
+    fn fetch_attributes(&self, url: &str) -> AttributesFuture;
 }
 
 /// The way into a running node's raft thread for network input. Cheap to clone.
@@ -56,8 +79,7 @@ impl Inbox {
 
     /// Decodes and delivers a message received as bytes.
     pub fn step_bytes(&self, bytes: &[u8]) -> Result<()> {
-        let msg = Message::parse_from_bytes(bytes)
-            .map_err(|e| Error::Raft(format!("bad message: {e}")))?;
+        let msg = Message::parse_from_bytes(bytes).map_err(Error::decode("raft message"))?;
         self.step(msg);
         Ok(())
     }

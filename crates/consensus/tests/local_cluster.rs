@@ -18,18 +18,40 @@ struct MapMachine {
     applied: u64,
 }
 
+/// The test machine's failures.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct MapError(String);
+
+impl From<&str> for MapError {
+    fn from(s: &str) -> Self {
+        MapError(s.into())
+    }
+}
+
 impl StateMachine for MapMachine {
     type Output = u64;
+    type Error = MapError;
+
+    fn apply_change(
+        &mut self,
+        index: u64,
+        _change: &concord_consensus::MemberChange,
+        _config: &concord_consensus::Configuration,
+    ) -> Result<u64, MapError> {
+        self.applied = index;
+        Ok(index)
+    }
 
     fn applied_index(&self) -> u64 {
         self.applied
     }
 
-    fn apply(&mut self, cmds: &[Committed<'_>]) -> Result<Vec<u64>, String> {
+    fn apply(&mut self, cmds: &[Committed<'_>]) -> Result<Vec<u64>, MapError> {
         let mut m = self.map.lock().unwrap();
         let mut out = Vec::new();
         for c in cmds {
-            let s = std::str::from_utf8(c.data).map_err(|e| e.to_string())?;
+            let s = std::str::from_utf8(c.data).map_err(|e| MapError(e.to_string()))?;
             let (k, v) = s.split_once('=').ok_or("bad command")?;
             m.insert(k.into(), v.into());
             out.push(c.index);
@@ -38,15 +60,17 @@ impl StateMachine for MapMachine {
         Ok(out)
     }
 
-    fn snapshot(&mut self) -> Result<Box<dyn Read + Send>, String> {
+    fn snapshot(&mut self) -> Result<Box<dyn Read + Send>, MapError> {
         let m = self.map.lock().unwrap();
         let text: String = m.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         Ok(Box::new(Cursor::new(text.into_bytes())))
     }
 
-    fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
+    fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), MapError> {
         let mut text = String::new();
-        image.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        image
+            .read_to_string(&mut text)
+            .map_err(|e| MapError(e.to_string()))?;
         let mut m = self.map.lock().unwrap();
         m.clear();
         for line in text.lines() {
