@@ -106,9 +106,78 @@ impl Error {
     }
 }
 
+/// gRPC metadata key of the error's code, for Concord members that forward a call to
+/// another member: the receiver's [`Error`] comes back as itself ([`Error::from_status`])
+/// without matching message texts. Clients see etcd's code and text as ever.
+pub const ERROR_CODE_KEY: &str = "concord-error";
+
+/// Every error that carries no text of its own, with its stable code name.
+const CODED: &[(&str, Error)] = &[
+    ("empty-key", Error::EmptyKey),
+    ("key-not-found", Error::KeyNotFound),
+    ("value-provided", Error::ValueProvided),
+    ("lease-provided", Error::LeaseProvided),
+    ("too-many-ops", Error::TooManyOps),
+    ("duplicate-key", Error::DuplicateKey),
+    ("invalid-sort-option", Error::InvalidSortOption),
+    ("request-too-large", Error::RequestTooLarge),
+    ("compacted", Error::Compacted),
+    ("future-rev", Error::FutureRev),
+    ("no-space", Error::NoSpace),
+    ("lease-not-found", Error::LeaseNotFound),
+    ("lease-exist", Error::LeaseExist),
+    ("lease-ttl-too-large", Error::LeaseTtlTooLarge),
+    ("member-not-found", Error::MemberNotFound),
+    ("member-bad-urls", Error::MemberBadUrls),
+    ("member-exist", Error::MemberExist),
+    ("peer-url-exist", Error::PeerUrlExist),
+    ("member-not-learner", Error::MemberNotLearner),
+    ("learner-not-ready", Error::LearnerNotReady),
+    ("too-many-learners", Error::TooManyLearners),
+    ("not-enough-started-members", Error::NotEnoughStartedMembers),
+    ("no-leader", Error::NoLeader),
+    ("not-leader", Error::NotLeader),
+    ("leader-changed", Error::LeaderChanged),
+    ("stopped", Error::Stopped),
+    ("timeout", Error::Timeout),
+    ("corrupt", Error::Corrupt),
+    ("bad-leader-transferee", Error::BadLeaderTransferee),
+    ("leader-transfer-timeout", Error::LeaderTransferTimeout),
+];
+
+impl Error {
+    /// The stable code name this error travels under between members (`None` for
+    /// the errors that carry their own text).
+    pub fn code_name(&self) -> Option<&'static str> {
+        CODED.iter().find(|(_, e)| e == self).map(|(n, _)| *n)
+    }
+
+    /// The error a member answered with, from its status: by its code name when the
+    /// status carries one, else an internal error with the status's text.
+    pub fn from_status(s: &Status) -> Error {
+        let coded = s
+            .metadata()
+            .get(ERROR_CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|name| CODED.iter().find(|(n, _)| *n == name));
+        match coded {
+            Some((_, e)) => e.clone(),
+            None if s.code() == Code::Unimplemented => Error::Unimplemented(s.message().into()),
+            None => Error::Internal(s.message().into()),
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        Status::new(e.code(), e.to_string())
+        let mut s = Status::new(e.code(), e.to_string());
+        if let Some(name) = e.code_name() {
+            s.metadata_mut().insert(
+                ERROR_CODE_KEY,
+                tonic::metadata::MetadataValue::from_static(name),
+            );
+        }
+        s
     }
 }
 
@@ -117,6 +186,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_travel_between_members_by_code() {
+        for (name, e) in CODED {
+            let s: Status = e.clone().into();
+            assert_eq!(s.message(), e.to_string());
+            assert_eq!(Error::from_status(&s), *e, "{name}");
+        }
+        let mut names: Vec<&str> = CODED.iter().map(|c| c.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CODED.len());
+        // A status without a code (another server, an old member) is not guessed at.
+        let plain = Status::new(Code::NotFound, "etcdserver: requested lease not found");
+        assert_eq!(
+            Error::from_status(&plain),
+            Error::Internal("etcdserver: requested lease not found".into())
+        );
+        let s: Status = Error::Internal("boom".into()).into();
+        assert_eq!(Error::from_status(&s), Error::Internal("boom".into()));
+    }
 
     #[test]
     fn codes_and_texts_are_etcds() {

@@ -52,7 +52,7 @@ pub use backend::{
     WatchBackend, WatchSession,
 };
 pub use election::ElectionService;
-pub use error::{Error, Result};
+pub use error::{ERROR_CODE_KEY, Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
 pub use lease::{FORWARDED_KEY, LeaseService};
