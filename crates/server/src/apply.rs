@@ -201,14 +201,15 @@ fn apply_one(
 
 impl StateMachine for KvMachine {
     type Output = Output;
+    type Error = crate::error::Error;
 
     fn applied_index(&self) -> u64 {
         self.store.consistent_index().unwrap_or(0)
     }
 
-    fn apply(&mut self, cmds: &[Committed<'_>]) -> Result<Vec<Output>, String> {
+    fn apply(&mut self, cmds: &[Committed<'_>]) -> crate::error::Result<Vec<Output>> {
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_BATCH);
-        let mut writer = self.store.writer().map_err(|e| e.to_string())?;
+        let mut writer = self.store.writer()?;
         let outputs: Vec<Output> = cmds
             .iter()
             .map(|c| {
@@ -223,7 +224,7 @@ impl StateMachine for KvMachine {
             .collect();
         let last = cmds.last().map(|c| c.index);
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
-        let (_, changes) = writer.commit_changes(last).map_err(|e| e.to_string())?;
+        let (_, changes) = writer.commit_changes(last)?;
         fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
         crate::watch::publish_changes(&self.hub, changes);
         Ok(outputs)
@@ -234,23 +235,35 @@ impl StateMachine for KvMachine {
         index: u64,
         change: &MemberChange,
         _config: &Configuration,
-    ) -> Result<Output, String> {
-        let mut w = self.store.writer().map_err(|e| e.to_string())?;
+    ) -> crate::error::Result<Output> {
+        let mut w = self.store.writer()?;
         let list = self.members.apply_change(&mut w, change);
-        w.commit(Some(index)).map_err(|e| e.to_string())?;
+        w.commit(Some(index))?;
         Ok(Ok(Applied::Members(list)))
     }
 
-    fn snapshot(&mut self) -> Result<Box<dyn Read + Send>, String> {
-        Ok(Box::new(self.store.export().map_err(|e| e.to_string())?))
+    fn snapshot(&mut self) -> crate::error::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.store.export()?))
     }
 
-    fn restore(&mut self, image: &mut dyn Read, index: u64, _term: u64) -> Result<(), String> {
+    fn restore(
+        &mut self,
+        image: &mut dyn Read,
+        index: u64,
+        _term: u64,
+    ) -> crate::error::Result<()> {
+        use crate::error::Error;
         fail::fail_point!(crate::failpoints::SNAPSHOT_BEFORE_INSTALL);
-        self.store.import(image, index).map_err(|e| e.to_string())?;
-        self.leases.reload(&self.store)?;
-        self.members.reload(&self.store)?;
-        self.alarms.reload(&self.store)?;
+        self.store.import(image, index)?;
+        self.leases
+            .reload(&self.store)
+            .map_err(Error::table("leases"))?;
+        self.members
+            .reload(&self.store)
+            .map_err(Error::table("members"))?;
+        self.alarms
+            .reload(&self.store)
+            .map_err(Error::table("alarms"))?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::apply::{Applied, Command};
 use crate::lease::{CHECKPOINT_BATCH, FULL, Renewal};
 use crate::node::{Node, unexpected};
+use crate::tasks::Tasks;
 
 /// A keep-alive waiting for the full TTL of its lease to be restored in the log.
 pub(crate) type RestoreRequest = (i64, oneshot::Sender<ApiResult<()>>);
@@ -28,10 +29,18 @@ const REVOKE_RETRY: Duration = Duration::from_secs(3);
 /// Pause before retrying a call on the leader while leadership settles.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Starts the clock and checkpoint tasks on the current runtime; both end with the node.
-pub(crate) fn spawn(node: &Arc<Node>, restores: mpsc::Receiver<RestoreRequest>, every: Duration) {
-    tokio::spawn(clock(Arc::downgrade(node)));
-    tokio::spawn(checkpointer(Arc::downgrade(node), restores, every));
+/// Starts the clock and checkpoint tasks in the member's task set.
+pub(crate) fn spawn(
+    tasks: &Tasks,
+    node: &Arc<Node>,
+    restores: mpsc::Receiver<RestoreRequest>,
+    every: Duration,
+) {
+    tasks.spawn("lease-clock", clock(Arc::downgrade(node)));
+    tasks.spawn(
+        "lease-checkpoints",
+        checkpointer(Arc::downgrade(node), restores, every),
+    );
 }
 
 /// Follows leadership: a leader becomes primary (runs lease clocks) once it has applied
@@ -148,6 +157,7 @@ impl Node {
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut state = self.raft.subscribe();
         loop {
             if let Some(r) = local() {
                 return r;
@@ -175,29 +185,18 @@ impl Node {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::Timeout);
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            // Leadership is settling: look again when the state changes (a new leader,
+            // this leader applied its predecessor's entries) or after a pause.
+            state.borrow_and_update();
+            let _ = tokio::time::timeout(RETRY_PAUSE, state.changed()).await;
         }
     }
 }
 
-/// A status from the leader, back into the error a client of this member gets.
+/// A status from the leader, back into the error a client of this member gets (by the
+/// code it carries, see [`concord_gateway::ERROR_CODE_KEY`]).
 pub(crate) fn status_error(s: tonic::Status) -> ApiError {
-    let known = [
-        ApiError::LeaseNotFound,
-        ApiError::LeaseExist,
-        ApiError::LeaseTtlTooLarge,
-        ApiError::MemberNotFound,
-        ApiError::MemberNotLearner,
-        ApiError::LearnerNotReady,
-        ApiError::NoLeader,
-        ApiError::LeaderChanged,
-        ApiError::Timeout,
-        ApiError::Stopped,
-    ];
-    known
-        .into_iter()
-        .find(|e| e.to_string() == s.message())
-        .unwrap_or_else(|| ApiError::Internal(s.message().to_string()))
+    ApiError::from_status(&s)
 }
 
 pub(crate) fn forwarded_request<T>(msg: T) -> tonic::Request<T> {

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use concord_gateway::Limits;
 use concord_server::config::{Args, Config};
-use concord_server::node::Node;
+use concord_server::node::Member;
 use tracing_subscriber::EnvFilter;
 
 /// How long open connections may take to finish after SIGTERM/SIGINT.
@@ -31,15 +31,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let started = Node::open(&cfg)
+    // Outgoing peer connections bind to the host this member listens on for peers, so
+    // a peer (or a test's fault proxy) can tell members apart by source address.
+    let local_ip = cfg
+        .peer_listen_addrs()?
+        .first()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
+    let transport = concord_consensus::grpc::GrpcTransport::new(
+        std::collections::HashMap::new(),
+        local_ip,
+        tokio::runtime::Handle::current(),
+    );
+    let member = Member::open(&cfg, transport)
         .await
         .with_context(|| format!("opening {}", cfg.data_dir))?;
-    let node = started.node.clone();
+    let node = member.node().clone();
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
     };
-    let router = concord_gateway::router(node.clone(), limits);
+    let router = member.router(limits);
     #[cfg(feature = "failpoints")]
     let router = router.merge(concord_server::failpoints::router());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -112,7 +124,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     drop(router);
     drop(node);
-    let _ = tokio::task::spawn_blocking(move || started.raft.shutdown()).await;
+    member.shutdown().await;
     if failed {
         anyhow::bail!("stopped after a fatal error (see the log above)");
     }

@@ -23,7 +23,6 @@
 //!   timeout with etcd's "leader transfer took too long".
 
 use std::io::{Seek, Write};
-use std::time::Duration;
 
 use concord_consensus::Role;
 use concord_gateway::{Error as ApiError, MaintenanceBackend, Result as ApiResult, SnapshotImage};
@@ -227,26 +226,23 @@ impl MaintenanceBackend for Node {
         let deadline = started + self.request_timeout;
         // Raft gives up a transfer that has not finished within an election timeout;
         // ask again while this member still leads.
-        let mut ask_at = started;
-        // etcd polls for the new leader once per tick, too.
-        let poll = Duration::from_millis(10).max(self.election_timeout / 10);
+        let mut state = self.raft.subscribe();
         loop {
-            let st = self.raft.status();
-            if st.leader == target {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ApiError::LeaderTransferTimeout);
-            }
-            if now >= ask_at && st.role == Role::Leader {
+            if state.borrow_and_update().role == Role::Leader {
                 self.raft
                     .transfer_leader(target)
                     .await
                     .map_err(raft_error)?;
-                ask_at = now + self.election_timeout;
             }
-            tokio::time::sleep(poll.min(deadline - now)).await;
+            let ask_again = (Instant::now() + self.election_timeout).min(deadline);
+            match tokio::time::timeout_at(ask_again, state.wait_for(|s| s.leader == target)).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(_)) => return Err(ApiError::Stopped),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(ApiError::LeaderTransferTimeout);
+                }
+                Err(_) => {}
+            }
         }
         tracing::info!(
             transferee = format!("{target:x}"),

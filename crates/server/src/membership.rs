@@ -13,8 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use concord_consensus::grpc::GrpcTransport;
-use concord_consensus::{ChangeKind, MemberChange};
+use concord_consensus::{ChangeKind, MemberChange, Transport};
 use concord_gateway::Error as ApiError;
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
@@ -50,7 +49,7 @@ pub fn record_initial(w: &mut mvcc::Writer<'_>, members: &[pb::Member]) {
 pub struct Membership {
     self_id: u64,
     inner: Mutex<Inner>,
-    transport: Option<Arc<GrpcTransport>>,
+    transport: Option<Arc<dyn Transport>>,
     /// Set once a change removes this member.
     removed: watch::Sender<bool>,
 }
@@ -61,7 +60,7 @@ impl Membership {
         store: &mvcc::Store,
         self_id: u64,
         initial: Vec<pb::Member>,
-        transport: Option<Arc<GrpcTransport>>,
+        transport: Option<Arc<dyn Transport>>,
     ) -> Result<Membership, String> {
         let m = Membership {
             self_id,

@@ -1,13 +1,11 @@
 //! A Concord member: the store, the Raft node that orders writes, and the identity
 //! that goes into every response header. Implements the gateway's backend traits.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use concord_consensus::{self as consensus, ChangeKind, MemberChange};
+use concord_consensus::{self as consensus, ChangeKind, MemberChange, Transport};
 use concord_gateway::{
     ClusterBackend, Error as ApiError, HealthBackend, KvBackend, Result as ApiResult, WatchBackend,
     WatchSession,
@@ -24,9 +22,12 @@ use crate::convert;
 use crate::lease::Lessor;
 use crate::lease_node::{self, RestoreRequest};
 use crate::membership::Membership;
+use crate::tasks::Tasks;
 
 const META_MEMBER_ID: &str = "member_id";
 const META_CLUSTER_ID: &str = "cluster_id";
+/// How often a member asks a peer that has not answered for its attributes.
+const ATTRIBUTES_RETRY: Duration = Duration::from_secs(1);
 
 /// Member and cluster identity, fixed when the data directory is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +130,8 @@ pub struct Node {
     name: String,
     client_urls: Vec<String>,
     token: String,
-    local_ip: Option<IpAddr>,
+    /// How Raft messages and attribute questions reach the other members.
+    transport: Arc<dyn Transport>,
     /// `--quota-backend-bytes` as configured (0: etcd's default, negative: no quota).
     pub(crate) quota: i64,
     pub(crate) lessor: Arc<Lessor>,
@@ -147,17 +149,74 @@ pub struct Node {
     pub(crate) request_timeout: Duration,
 }
 
-/// A running member: what serves clients, and what the binary stops on shutdown.
-pub struct Started {
-    pub node: Arc<Node>,
-    pub raft: consensus::Node<Output>,
+/// A running member built from parts: its configuration and the transport that
+/// reaches its peers. What serves clients ([`Member::node`]), its Raft node, and its
+/// background tasks, which [`Member::shutdown`] stops in order. The binary wires the
+/// listeners and the gRPC transport; tests put several members in one process over
+/// [`concord_consensus::local::LocalNetwork`].
+pub struct Member {
+    node: Arc<Node>,
+    raft: consensus::Node<Output>,
+    tasks: Arc<Tasks>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("identity", &self.node.identity)
+            .field("tasks", &self.tasks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    /// Opens the member's store and Raft log under `cfg.data_dir`, restores or creates
+    /// its identity, and starts Raft over `transport` and the member's tasks on the
+    /// current tokio runtime.
+    pub async fn open(cfg: &Config, transport: Arc<dyn Transport>) -> anyhow::Result<Member> {
+        Node::open(cfg, transport).await
+    }
+
+    /// What serves the etcd API.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The client port's router (gRPC services and HTTP endpoints) over this member.
+    pub fn router(&self, limits: concord_gateway::Limits) -> axum::Router {
+        concord_gateway::router(self.node.clone(), limits)
+    }
+
+    /// Raft's view of the group from this member (role, leader, term, indexes).
+    pub fn status(&self) -> consensus::Status {
+        self.node.raft.status()
+    }
+
+    /// The names of the background tasks still running.
+    pub fn tasks(&self) -> Vec<&'static str> {
+        self.tasks.running()
+    }
+
+    /// Stops the member: its tasks in start order, then Raft (which fails whatever
+    /// still waits on it). Requests still being served fail with `etcdserver: server
+    /// stopped`.
+    pub async fn shutdown(self) {
+        self.tasks.shutdown().await;
+        let raft = self.raft;
+        let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
+    }
+
+    /// Stops the member as a crash would (for fault tests in one process): its tasks
+    /// end, Raft writes nothing more, and the WAL loses what it had not fsynced.
+    pub async fn crash(self) {
+        self.tasks.shutdown().await;
+        let raft = self.raft;
+        let _ = tokio::task::spawn_blocking(move || raft.crash()).await;
+    }
 }
 
 impl Node {
-    /// Opens the member's store and Raft log under the configured data directory,
-    /// restores or creates its identity, and starts Raft with peers reached over gRPC
-    /// (tasks on the current tokio runtime).
-    pub async fn open(cfg: &Config) -> anyhow::Result<Started> {
+    async fn open(cfg: &Config, transport: Arc<dyn Transport>) -> anyhow::Result<Member> {
         let data = Path::new(&cfg.data_dir);
         let mvcc_dir = data.join("mvcc");
         let raft_dir = data.join("raft");
@@ -169,11 +228,6 @@ impl Node {
             &mvcc_dir,
             mvcc::StoreOptions { sync_writes: false },
         )?);
-        let local_ip = cfg
-            .peer_listen_addrs()?
-            .first()
-            .map(|a| a.ip())
-            .filter(|ip: &IpAddr| !ip.is_unspecified());
         let own_peer_urls = split_urls(&cfg.initial_advertise_peer_urls);
         let (identity, initial) = match (
             meta_u64(&store, META_MEMBER_ID)?,
@@ -191,7 +245,7 @@ impl Node {
             ),
             _ if cfg.initial_cluster_state == "existing" && !existed => {
                 // Joining: the cluster tells us who is in it (we must have been added).
-                join_info(cfg, &own_peer_urls, local_ip).await?
+                join_info(cfg, &own_peer_urls, transport.as_ref()).await?
             }
             _ => (Identity::derive(cfg)?, flag_members(cfg)?),
         };
@@ -212,11 +266,6 @@ impl Node {
             cluster_id = format!("{:x}", identity.cluster_id),
             "member identity"
         );
-        let transport = consensus::grpc::GrpcTransport::new(
-            HashMap::new(),
-            local_ip,
-            tokio::runtime::Handle::current(),
-        );
         let membership = Arc::new(
             Membership::open(&store, identity.member_id, initial, Some(transport.clone()))
                 .map_err(anyhow::Error::msg)?,
@@ -236,11 +285,6 @@ impl Node {
             .iter()
             .filter(|m| m.is_learner)
             .map(|m| m.id)
-            .collect();
-        let peer_list: Vec<(u64, String)> = members
-            .iter()
-            .filter(|m| m.id != identity.member_id)
-            .filter_map(|m| Some((m.id, m.peer_ur_ls.first()?.clone())))
             .collect();
         let tick = Duration::from_millis(cfg.heartbeat_interval.max(1));
         let force = cfg.force_new_cluster && existed;
@@ -273,7 +317,7 @@ impl Node {
             alarms.clone(),
             hub.clone(),
         );
-        let raft = consensus::start(rcfg, machine, transport)?;
+        let raft = consensus::start(rcfg, machine, transport.clone())?;
         let (restores, restore_rx) = mpsc::channel(4096);
         let client_urls = split_urls(&cfg.advertise_client_urls);
         let node = Arc::new(Node {
@@ -286,7 +330,7 @@ impl Node {
             name: cfg.name.clone(),
             client_urls,
             token: cfg.initial_cluster_token.clone(),
-            local_ip,
+            transport,
             quota: cfg.quota_backend_bytes,
             lessor,
             alarms,
@@ -297,18 +341,21 @@ impl Node {
             auto_promote: cfg.auto_promote_learners,
             request_timeout,
         });
-        lease_node::spawn(&node, restore_rx, cfg.lease_checkpoint_interval()?);
+        let tasks = Arc::new(Tasks::default());
+        // Shutdown goes in this order: the tasks that propose first.
+        lease_node::spawn(&tasks, &node, restore_rx, cfg.lease_checkpoint_interval()?);
         if node.auto_promote {
-            tokio::spawn(auto_promote(Arc::downgrade(&node)));
+            tasks.spawn("auto-promote", auto_promote(Arc::downgrade(&node)));
         }
         if force {
-            tokio::spawn(remove_the_others(Arc::downgrade(&node)));
+            tasks.spawn(
+                "force-new-cluster",
+                remove_the_others(Arc::downgrade(&node)),
+            );
         }
-        tokio::spawn(detect_removal(Arc::downgrade(&node)));
-        for (id, url) in peer_list {
-            tokio::spawn(learn_attributes(Arc::downgrade(&node), id, url));
-        }
-        Ok(Started { node, raft })
+        tasks.spawn("detect-removal", detect_removal(Arc::downgrade(&node)));
+        tasks.spawn("learn-attributes", learn_attributes(Arc::downgrade(&node)));
+        Ok(Member { node, raft, tasks })
     }
 
     pub fn identity(&self) -> Identity {
@@ -437,27 +484,36 @@ fn decode_attributes(b: &[u8]) -> Option<pb::MemberListResponse> {
         .filter(|r| r.header.is_some())
 }
 
-/// Asks peer `id` for its name and client URLs until it answers, while the node lives
-/// and `id` is a member (etcd members publish them through Raft; here each member asks
-/// its peers directly).
-pub(crate) async fn learn_attributes(node: std::sync::Weak<Node>, id: u64, url: String) {
+/// Learns the name and client URLs of every member that has not told this member yet
+/// (the initial members, and members added later), asking each in turn once a second
+/// while any is unknown. etcd members publish them through Raft; here each member asks
+/// its peers directly.
+async fn learn_attributes(node: std::sync::Weak<Node>) {
+    let mut retry = tokio::time::interval(ATTRIBUTES_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        retry.tick().await;
         let Some(n) = node.upgrade() else { return };
-        if n.members.get(id).is_none() {
-            return;
-        }
-        let local_ip = n.local_ip;
+        let me = n.identity.member_id;
+        let unknown: Vec<(u64, String)> = n
+            .members
+            .list()
+            .into_iter()
+            .filter(|m| m.id != me && m.client_ur_ls.is_empty())
+            .filter_map(|m| Some((m.id, m.peer_ur_ls.first()?.clone())))
+            .collect();
+        let transport = n.transport.clone();
         drop(n);
-        if let Ok(attrs) = consensus::grpc::fetch_attributes(&url, local_ip).await
-            && let Some(r) = decode_attributes(&attrs)
-            && let Some(me) = r.members.iter().find(|m| m.id == id)
-        {
-            let Some(node) = node.upgrade() else { return };
-            node.members
-                .learned(id, me.name.clone(), me.client_ur_ls.clone());
-            return;
+        for (id, url) in unknown {
+            if let Ok(attrs) = transport.fetch_attributes(&url).await
+                && let Some(r) = decode_attributes(&attrs)
+                && let Some(m) = r.members.iter().find(|m| m.id == id)
+            {
+                let Some(n) = node.upgrade() else { return };
+                n.members
+                    .learned(id, m.name.clone(), m.client_ur_ls.clone());
+            }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -467,7 +523,7 @@ pub(crate) async fn learn_attributes(node: std::sync::Weak<Node>, id: u64, url: 
 async fn join_info(
     cfg: &Config,
     own_peer_urls: &[String],
-    local_ip: Option<IpAddr>,
+    transport: &dyn Transport,
 ) -> anyhow::Result<(Identity, Vec<pb::Member>)> {
     let member_id = member_id(own_peer_urls, &cfg.initial_cluster_token);
     let others: Vec<String> = cfg
@@ -485,9 +541,11 @@ async fn join_info(
     // etcd gives up at once when no peer answers; a few seconds cover peers starting.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut last = String::new();
+    let mut retry = tokio::time::interval(Duration::from_millis(500));
     while std::time::Instant::now() < deadline {
+        retry.tick().await;
         for url in &others {
-            match consensus::grpc::fetch_attributes(url, local_ip).await {
+            match transport.fetch_attributes(url).await {
                 Ok(attrs) => match decode_attributes(&attrs) {
                     Some(r) => {
                         if !r.members.iter().any(|m| m.id == member_id) {
@@ -519,10 +577,9 @@ async fn join_info(
                     }
                     None => last = format!("{url}: not a Concord member"),
                 },
-                Err(e) => last = format!("{url}: {e}"),
+                Err(e) => last = e.to_string(),
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     anyhow::bail!(
         "--initial-cluster-state=existing: could not retrieve the cluster's members from \
@@ -679,24 +736,24 @@ impl Node {
 /// that answers (a majority of the others at least) lists it no more, it was removed
 /// and stops, as an etcd member told "removed" by its peers does.
 async fn detect_removal(node: std::sync::Weak<Node>) {
-    let mut leaderless = 0;
+    let Some((mut state, election_timeout)) = node
+        .upgrade()
+        .map(|n| (n.raft.subscribe(), n.election_timeout))
+    else {
+        return;
+    };
     loop {
-        let pause = match node.upgrade() {
-            Some(n) => n.election_timeout,
-            None => return,
-        };
-        tokio::time::sleep(pause).await;
+        // Wait for a leaderless spell, then for three election timeouts of it.
+        if state.wait_for(|s| s.leader == 0).await.is_err() {
+            return;
+        }
+        let back = tokio::time::timeout(3 * election_timeout, state.wait_for(|s| s.leader != 0));
+        if back.await.is_ok() {
+            continue;
+        }
         let Some(n) = node.upgrade() else { return };
         if n.members.is_removed() {
             return;
-        }
-        if n.raft.status().leader != 0 {
-            leaderless = 0;
-            continue;
-        }
-        leaderless += 1;
-        if leaderless < 3 {
-            continue;
         }
         let me = n.identity.member_id;
         let cluster = n.identity.cluster_id;
@@ -707,12 +764,12 @@ async fn detect_removal(node: std::sync::Weak<Node>) {
             .filter(|m| m.id != me)
             .filter_map(|m| m.peer_ur_ls.first().cloned())
             .collect();
-        let local_ip = n.local_ip;
+        let transport = n.transport.clone();
         drop(n);
         let mut answered = 0;
         let mut listed = false;
         for url in &peers {
-            if let Ok(attrs) = consensus::grpc::fetch_attributes(url, local_ip).await
+            if let Ok(attrs) = transport.fetch_attributes(url).await
                 && let Some(r) = decode_attributes(&attrs)
                 && r.header.as_ref().is_some_and(|h| h.cluster_id == cluster)
             {
@@ -729,18 +786,35 @@ async fn detect_removal(node: std::sync::Weak<Node>) {
             n.members.mark_removed();
             return;
         }
+        // Still listed (or too few answered): ask again after another election timeout.
+        tokio::time::sleep(election_timeout).await;
     }
 }
 
 /// `--force-new-cluster`: once this member leads its one-voter cluster, the other
 /// members are removed through the log, so the new configuration survives restarts.
 async fn remove_the_others(node: std::sync::Weak<Node>) {
+    let Some((mut state, election_timeout)) = node
+        .upgrade()
+        .map(|n| (n.raft.subscribe(), n.election_timeout))
+    else {
+        return;
+    };
+    let mut first = true;
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let Some(node) = node.upgrade() else { return };
-        if node.raft.status().role != consensus::Role::Leader {
-            continue;
+        if !first {
+            // A removal did not go through: try again after an election timeout.
+            tokio::time::sleep(election_timeout).await;
         }
+        first = false;
+        if state
+            .wait_for(|s| s.role == consensus::Role::Leader)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Some(node) = node.upgrade() else { return };
         let me = node.identity.member_id;
         let others: Vec<u64> = node
             .members
@@ -775,8 +849,10 @@ async fn remove_the_others(node: std::sync::Weak<Node>) {
 /// With `--auto-promote-learners`: the leader promotes each learner once it has caught
 /// up (checked every second).
 async fn auto_promote(node: std::sync::Weak<Node>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        every.tick().await;
         let Some(node) = node.upgrade() else { return };
         if node.raft.status().role != consensus::Role::Leader {
             continue;
