@@ -20,7 +20,9 @@ pub mod cluster;
 pub mod history;
 pub mod linearizability;
 pub mod proxy;
+pub mod sim;
 pub mod traffic;
+pub mod verdict;
 pub mod watchcheck;
 pub mod watchrec;
 
@@ -95,6 +97,25 @@ pub fn concord_failpoints_bin() -> PathBuf {
         let tmp = built.with_file_name(format!("concord-failpoints.{}", std::process::id()));
         std::fs::copy(&built, &tmp).expect("copying concord");
         std::fs::rename(&tmp, &out).expect("renaming concord-failpoints");
+        out
+    })
+    .clone()
+}
+
+/// `concord-sim` built with failpoints (`--features concord-integration/failpoints`),
+/// so planted bugs can be armed: built now and copied to `concord-sim-failpoints`
+/// (a later build without the feature replaces `concord-sim`, not the copy).
+pub fn concord_sim_failpoints_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = build_workspace_bin(
+            "concord-sim",
+            &["--features", "concord-integration/failpoints"],
+        );
+        let out = built.with_file_name("concord-sim-failpoints");
+        let tmp = built.with_file_name(format!("concord-sim-failpoints.{}", std::process::id()));
+        std::fs::copy(&built, &tmp).expect("copying concord-sim");
+        std::fs::rename(&tmp, &out).expect("renaming concord-sim-failpoints");
         out
     })
     .clone()
