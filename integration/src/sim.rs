@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use concord_consensus::Role;
 use concord_consensus::local::LocalNetwork;
+use concord_server::Member;
 use concord_server::config::{Args, Config};
-use concord_server::node::{Member, member_id};
+use concord_server::identity::member_id;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -277,7 +278,7 @@ impl SimCluster {
         };
         let s = &mut self.slots[i];
         self.net
-            .serve_attributes(s.id, &s.peer_url, member.node().attributes());
+            .serve_attributes(s.id, &s.peer_url, member.attributes());
         let listener = bind_port(s.port).await?;
         let (stop, stop_rx) = watch::channel(false);
         let router = member.router(concord_gateway::Limits::default());

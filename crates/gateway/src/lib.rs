@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use axum::response::IntoResponse;
 
+use concord_proto::etcdserverpb;
 use concord_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -76,24 +77,70 @@ impl<
 {
 }
 
-/// One router for the client port: gRPC (HTTP/2) services and the HTTP endpoints.
+/// The backends the client port serves, one per etcd service, each holding only what
+/// its service needs. [`Backends::from_one`] serves everything from one value.
+#[derive(Clone)]
+pub struct Backends {
+    pub kv: Arc<dyn KvBackend>,
+    pub watch: Arc<dyn WatchBackend>,
+    pub lease: Arc<dyn LeaseBackend>,
+    pub maintenance: Arc<dyn MaintenanceBackend>,
+    pub cluster: Arc<dyn ClusterBackend>,
+    pub health: Arc<dyn HealthBackend>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends").finish_non_exhaustive()
+    }
+}
+
+impl Backends {
+    /// Every service served by `backend`.
+    pub fn from_one<B: Backend>(backend: Arc<B>) -> Backends {
+        Backends {
+            kv: backend.clone(),
+            watch: backend.clone(),
+            lease: backend.clone(),
+            maintenance: backend.clone(),
+            cluster: backend.clone(),
+            health: backend,
+        }
+    }
+
+    /// What Lock and Election run their recipes over.
+    fn recipes(&self) -> Arc<Recipes> {
+        Arc::new(Recipes {
+            kv: self.kv.clone(),
+            watch: self.watch.clone(),
+            lease: self.lease.clone(),
+        })
+    }
+}
+
+/// One router for the client port over a single backend of every service.
 pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
+    router_for(Backends::from_one(backend), limits)
+}
+
+/// One router for the client port: gRPC (HTTP/2) services and the HTTP endpoints.
+pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
     let max = limits.max_grpc_message();
-    let kv = KvServer::from_arc(Arc::new(KvService::new(backend.clone(), limits)))
+    let recipes = b.recipes();
+    let kv = KvServer::from_arc(Arc::new(KvService::new(b.kv.clone(), limits)))
         .max_decoding_message_size(max);
-    let watch = WatchServer::from_arc(Arc::new(WatchService::new(backend.clone(), limits)))
+    let watch = WatchServer::from_arc(Arc::new(WatchService::new(b.watch.clone(), limits)))
         .max_decoding_message_size(max);
-    let lease = LeaseServer::new(LeaseService::new(backend.clone()));
-    let maintenance = MaintenanceServer::new(MaintenanceService::new(backend.clone()))
+    let lease = LeaseServer::new(LeaseService::new(b.lease.clone()));
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(b.maintenance.clone()))
         .max_decoding_message_size(max);
     let cluster =
-        ClusterServer::new(ClusterService::new(backend.clone())).max_decoding_message_size(max);
-    let health = HealthServer::new(HealthService::new(backend.clone()));
-    let lock = LockServer::from_arc(Arc::new(LockService::new(backend.clone(), limits)))
+        ClusterServer::new(ClusterService::new(b.cluster.clone())).max_decoding_message_size(max);
+    let health = HealthServer::new(HealthService::new(b.health.clone()));
+    let lock = LockServer::from_arc(Arc::new(LockService::new(recipes.clone(), limits)))
         .max_decoding_message_size(max);
-    let election =
-        ElectionServer::from_arc(Arc::new(ElectionService::new(backend.clone(), limits)))
-            .max_decoding_message_size(max);
+    let election = ElectionServer::from_arc(Arc::new(ElectionService::new(recipes, limits)))
+        .max_decoding_message_size(max);
     let grpc = tonic::service::Routes::new(kv)
         .add_service(watch)
         .add_service(lease)
@@ -103,7 +150,87 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
         .add_service(lock)
         .add_service(election)
         .into_axum_router();
-    grpc.merge(http::router(backend)).fallback(fallback)
+    grpc.merge(http::router(b.health)).fallback(fallback)
+}
+
+/// The KV, Watch and Lease backends together, for the Lock and Election recipes.
+struct Recipes {
+    kv: Arc<dyn KvBackend>,
+    watch: Arc<dyn WatchBackend>,
+    lease: Arc<dyn LeaseBackend>,
+}
+
+#[tonic::async_trait]
+impl KvBackend for Recipes {
+    async fn range(&self, req: etcdserverpb::RangeRequest) -> Result<etcdserverpb::RangeResponse> {
+        self.kv.range(req).await
+    }
+    async fn put(&self, req: etcdserverpb::PutRequest) -> Result<etcdserverpb::PutResponse> {
+        self.kv.put(req).await
+    }
+    async fn delete_range(
+        &self,
+        req: etcdserverpb::DeleteRangeRequest,
+    ) -> Result<etcdserverpb::DeleteRangeResponse> {
+        self.kv.delete_range(req).await
+    }
+    async fn txn(&self, req: etcdserverpb::TxnRequest) -> Result<etcdserverpb::TxnResponse> {
+        self.kv.txn(req).await
+    }
+    async fn compact(
+        &self,
+        req: etcdserverpb::CompactionRequest,
+    ) -> Result<etcdserverpb::CompactionResponse> {
+        self.kv.compact(req).await
+    }
+}
+
+impl WatchBackend for Recipes {
+    fn open_watch(&self) -> Result<Box<dyn WatchSession>> {
+        self.watch.open_watch()
+    }
+    fn has_leader(&self) -> bool {
+        self.watch.has_leader()
+    }
+    fn leader_check(&self) -> std::time::Duration {
+        self.watch.leader_check()
+    }
+}
+
+#[tonic::async_trait]
+impl LeaseBackend for Recipes {
+    async fn lease_grant(
+        &self,
+        req: etcdserverpb::LeaseGrantRequest,
+    ) -> Result<etcdserverpb::LeaseGrantResponse> {
+        self.lease.lease_grant(req).await
+    }
+    async fn lease_revoke(
+        &self,
+        req: etcdserverpb::LeaseRevokeRequest,
+    ) -> Result<etcdserverpb::LeaseRevokeResponse> {
+        self.lease.lease_revoke(req).await
+    }
+    async fn lease_keep_alive(
+        &self,
+        req: etcdserverpb::LeaseKeepAliveRequest,
+        forwarded: bool,
+    ) -> Result<etcdserverpb::LeaseKeepAliveResponse> {
+        self.lease.lease_keep_alive(req, forwarded).await
+    }
+    async fn lease_time_to_live(
+        &self,
+        req: etcdserverpb::LeaseTimeToLiveRequest,
+        forwarded: bool,
+    ) -> Result<etcdserverpb::LeaseTimeToLiveResponse> {
+        self.lease.lease_time_to_live(req, forwarded).await
+    }
+    async fn lease_leases(
+        &self,
+        req: etcdserverpb::LeaseLeasesRequest,
+    ) -> Result<etcdserverpb::LeaseLeasesResponse> {
+        self.lease.lease_leases(req).await
+    }
 }
 
 /// Unknown paths: gRPC callers get gRPC's `Unimplemented`, anyone else a 404.

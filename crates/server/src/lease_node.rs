@@ -1,6 +1,7 @@
-//! The member's side of leases: the Lease service ([`LeaseBackend`] on [`Node`]), the
+//! The member's side of leases: the Lease service ([`LeaseApi`], a [`LeaseBackend`]), the
 //! leader's clock task (promotion, expiry), the checkpoint task, and forwarding the
-//! calls only the leader can answer. The rules themselves are in [`crate::lease`].
+//! calls only the leader can answer (through `forward.rs`). The rules themselves are
+//! in [`crate::lease`].
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,9 +14,26 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::apply::{Applied, Command};
+use crate::core::{Core, shares_core, unexpected};
+use crate::forward::{LeaderLink, forwarded_request, status_error};
+use crate::lease::Lessor;
 use crate::lease::{CHECKPOINT_BATCH, FULL, Renewal};
-use crate::node::{Node, unexpected};
 use crate::tasks::Tasks;
+
+/// Lease: grants, revokes and checkpoints through the log; keep-alives and TTLs on
+/// the primary (the leader once it has applied its predecessors' entries), forwarded
+/// to it from other members.
+pub struct LeaseApi {
+    pub(crate) core: Arc<Core>,
+    pub(crate) lessor: Arc<Lessor>,
+    /// Keep-alives that need the full TTL restored in the log before they are answered.
+    pub(crate) restores: mpsc::Sender<RestoreRequest>,
+    /// etcd's minimum lease TTL for this member's election timeout.
+    pub(crate) min_ttl: i64,
+    pub(crate) leader: Arc<LeaderLink>,
+}
+
+shares_core!(LeaseApi);
 
 /// A keep-alive waiting for the full TTL of its lease to be restored in the log.
 pub(crate) type RestoreRequest = (i64, oneshot::Sender<ApiResult<()>>);
@@ -32,7 +50,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Starts the clock and checkpoint tasks in the member's task set.
 pub(crate) fn spawn(
     tasks: &Tasks,
-    node: &Arc<Node>,
+    node: &Arc<LeaseApi>,
     restores: mpsc::Receiver<RestoreRequest>,
     every: Duration,
 ) {
@@ -46,7 +64,7 @@ pub(crate) fn spawn(
 /// Follows leadership: a leader becomes primary (runs lease clocks) once it has applied
 /// everything committed before its term; any other member stops its clocks. The primary
 /// proposes the revoke of every lease whose clock ran out.
-async fn clock(node: Weak<Node>) {
+async fn clock(node: Weak<LeaseApi>) {
     let mut tick = tokio::time::interval(CLOCK_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -93,7 +111,7 @@ async fn clock(node: Weak<Node>) {
 /// One task proposes them all, one entry after another, so they land in the order they
 /// were decided.
 async fn checkpointer(
-    node: Weak<Node>,
+    node: Weak<LeaseApi>,
     mut restores: mpsc::Receiver<RestoreRequest>,
     every: Duration,
 ) {
@@ -133,7 +151,7 @@ async fn checkpointer(
     }
 }
 
-impl Node {
+impl LeaseApi {
     /// Restores lease `id`'s full TTL in the log.
     async fn restore_full_ttl(&self, id: i64) -> ApiResult<()> {
         let (tx, rx) = oneshot::channel();
@@ -168,7 +186,7 @@ impl Node {
             }
             // A leader not yet primary is applying its predecessor's entries: wait.
             if st.role != Role::Leader && st.leader != 0 && st.leader != st.id {
-                match remote(LeaseClient::new(self.leader_channel(st.leader)?)).await {
+                match remote(LeaseClient::new(self.leader.channel(st.leader)?)).await {
                     Ok(v) => return Ok(v),
                     // Leadership moved or the leader is unreachable: try again.
                     Err(s)
@@ -193,23 +211,8 @@ impl Node {
     }
 }
 
-/// A status from the leader, back into the error a client of this member gets (by the
-/// code it carries, see [`concord_gateway::ERROR_CODE_KEY`]).
-pub(crate) fn status_error(s: tonic::Status) -> ApiError {
-    ApiError::from_status(&s)
-}
-
-pub(crate) fn forwarded_request<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        concord_gateway::FORWARDED_KEY,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    r
-}
-
 #[concord_gateway::async_trait]
-impl LeaseBackend for Node {
+impl LeaseBackend for LeaseApi {
     async fn lease_grant(&self, req: pb::LeaseGrantRequest) -> ApiResult<pb::LeaseGrantResponse> {
         if req.ttl > crate::lease::MAX_LEASE_TTL {
             return Err(ApiError::LeaseTtlTooLarge);

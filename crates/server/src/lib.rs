@@ -1,9 +1,16 @@
 //! # concord-server
 //!
-//! The Concord member and the `concord` binary. It loads the configuration ([`config`]),
-//! opens the store, runs the apply loop ([`apply`]) that turns write commands into
-//! store batches, and serves the etcd API by implementing the gateway's backend traits
-//! on [`node::Node`].
+//! The Concord member and the `concord` binary. A [`Member`] is built from its
+//! configuration ([`config`]) and an `Arc<dyn Transport>`: it opens the store, runs the
+//! apply loop ([`apply`]) that turns write commands into store batches, and serves the
+//! etcd API with one backend value per service over a shared core (KV, Watch, Lease,
+//! Maintenance, Cluster, health), handed to the gateway as `concord_gateway::Backends`.
+//! Its background tasks (lease clocks and checkpoints, membership watchers, peers'
+//! attributes) run in one [`tasks::Tasks`] set and wait on the consensus state signal.
+//! The binary (`main.rs`) only wires listeners and the gRPC peer transport around it.
+//!
+//! Key types: [`Member`], [`config::Config`], [`apply::KvMachine`] (the state machine),
+//! [`error::Error`], [`identity::Identity`].
 //!
 //! Owns: configuration and etcd's flags, member identity (cluster and member ids, the
 //! term), the command path from a request to a durable store write, leases, and
@@ -29,14 +36,21 @@
 
 pub mod alarm;
 pub mod apply;
+mod cluster;
 pub mod config;
 pub mod convert;
+mod core;
 pub mod error;
 pub mod failpoints;
+mod forward;
+pub mod identity;
+mod kv;
 pub mod lease;
 mod lease_node;
 mod maintenance;
+pub mod member;
 pub mod membership;
-pub mod node;
 pub mod tasks;
 pub mod watch;
+
+pub use member::Member;

@@ -4,8 +4,8 @@
 use anyhow::Context;
 use clap::Parser;
 use concord_gateway::Limits;
+use concord_server::Member;
 use concord_server::config::{Args, Config};
-use concord_server::node::Member;
 use tracing_subscriber::EnvFilter;
 
 /// How long open connections may take to finish after SIGTERM/SIGINT.
@@ -46,7 +46,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let member = Member::open(&cfg, transport)
         .await
         .with_context(|| format!("opening {}", cfg.data_dir))?;
-    let node = member.node().clone();
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
@@ -78,7 +77,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("listening for peers on {addr}"))?;
         tracing::info!(%addr, "serving peers");
         let mut stop = stop_rx.clone();
-        let svc = concord_consensus::grpc::peer_service(node.inbox(), node.attributes());
+        let svc = concord_consensus::grpc::peer_service(member.inbox(), member.attributes());
         servers.push(tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(concord_consensus::grpc::KEEPALIVE_INTERVAL))
@@ -94,15 +93,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 .map_err(std::io::Error::other)
         }));
     }
-    eprintln!("concord ready: member {:x}", node.identity().member_id);
+    eprintln!("concord ready: member {:x}", member.identity().member_id);
     let failed = tokio::select! {
         _ = shutdown_signal() => false,
-        _ = node.removed() => {
+        _ = member.removed() => {
             // As etcd: a removed member stops serving and exits.
             tracing::warn!("this member was removed from the cluster; shutting down");
             false
         }
-        _ = node.stopped() => true,
+        _ = member.stopped() => true,
     };
     if failed {
         tracing::error!("the raft node stopped; shutting down");
@@ -123,7 +122,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections still open after the grace period; closing"),
     }
     drop(router);
-    drop(node);
     member.shutdown().await;
     if failed {
         anyhow::bail!("stopped after a fatal error (see the log above)");

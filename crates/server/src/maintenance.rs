@@ -23,6 +23,8 @@
 //!   timeout with etcd's "leader transfer took too long".
 
 use std::io::{Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use concord_consensus::Role;
 use concord_gateway::{Error as ApiError, MaintenanceBackend, Result as ApiResult, SnapshotImage};
@@ -30,10 +32,8 @@ use concord_proto::etcdserverpb as pb;
 use tokio::time::Instant;
 
 use crate::apply::{Applied, Command};
-use crate::node::{Node, raft_error, unexpected};
+use crate::core::{Core, raft_error, shares_core, unexpected};
 
-/// etcd's default `--quota-backend-bytes` (2 GiB), used when it is 0.
-const DEFAULT_QUOTA: i64 = 2 * 1024 * 1024 * 1024;
 /// etcd's estimate of the bytes a put adds beyond its key and value.
 const KV_OVERHEAD: usize = 256;
 /// etcd's estimate of the bytes a lease grant adds.
@@ -60,48 +60,14 @@ pub(crate) fn txn_cost(t: &pb::TxnRequest) -> usize {
     branch(&t.success).max(branch(&t.failure))
 }
 
-impl Node {
-    /// The effective quota; `None` when disabled (negative, as in etcd).
-    fn quota_bytes(&self) -> Option<i64> {
-        match self.quota {
-            q if q < 0 => None,
-            0 => Some(DEFAULT_QUOTA),
-            q => Some(q),
-        }
-    }
-
-    /// etcd's quota check for a write that may add `cost` bytes: refused with
-    /// `NoSpace` if this member's store would reach the quota, after raising `NOSPACE`
-    /// for this member through the log.
-    pub(crate) async fn check_quota(&self, cost: usize) -> ApiResult<()> {
-        let Some(quota) = self.quota_bytes() else {
-            return Ok(());
-        };
-        if cost == 0 || self.store.db_size() + (cost as i64) < quota {
-            return Ok(());
-        }
-        let me = self.identity.member_id;
-        if self.alarms.contains(me, pb::AlarmType::Nospace) {
-            // Raised already; the log need not hear it again for every refused write.
-            return Err(ApiError::NoSpace);
-        }
-        let raise = pb::AlarmRequest {
-            action: pb::alarm_request::AlarmAction::Activate as i32,
-            member_id: me,
-            alarm: pb::AlarmType::Nospace as i32,
-        };
-        // As etcd, the write fails whether or not raising the alarm worked.
-        if let Err(e) = self.propose(Command::Alarm(raise)).await {
-            tracing::warn!(error = %e, "raising the NOSPACE alarm failed");
-        }
-        Err(ApiError::NoSpace)
-    }
-
-    fn is_learner(&self) -> bool {
-        let me = self.identity.member_id;
-        self.members.get(me).is_some_and(|m| m.is_learner)
-    }
+/// Maintenance: status, alarms, hashes, defragmentation, snapshots, leader transfer.
+pub struct MaintenanceApi {
+    pub(crate) core: Arc<Core>,
+    /// `--data-dir`: where snapshot images are spooled.
+    pub(crate) data_dir: PathBuf,
 }
+
+shares_core!(MaintenanceApi);
 
 /// Copies a store image into an unnamed file (gone when closed, even after a crash)
 /// and pads it with zeros to whole 512-byte blocks; the image format ignores what
@@ -119,7 +85,7 @@ fn spool(
 }
 
 #[concord_gateway::async_trait]
-impl MaintenanceBackend for Node {
+impl MaintenanceBackend for MaintenanceApi {
     async fn status(&self) -> ApiResult<pb::StatusResponse> {
         let (revision, (size, in_use)) = self
             .blocking(move |s| Ok((s.current_revision(), s.size_on_disk())))

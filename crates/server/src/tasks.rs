@@ -68,7 +68,10 @@ mod tests {
     async fn shutdown_stops_tasks_in_start_order() {
         let tasks = Tasks::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        struct Report(&'static str, tokio::sync::mpsc::UnboundedSender<&'static str>);
+        struct Report(
+            &'static str,
+            tokio::sync::mpsc::UnboundedSender<&'static str>,
+        );
         impl Drop for Report {
             fn drop(&mut self) {
                 let _ = self.1.send(self.0);

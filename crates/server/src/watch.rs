@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use concord_gateway::{WatchSession, async_trait, create_filters};
+use std::time::Duration;
+
+use concord_gateway::{
+    Result as ApiResult, WatchBackend, WatchSession, async_trait, create_filters,
+};
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use concord_proto::mvccpb;
@@ -197,5 +201,39 @@ impl WatchSession for Session {
     async fn next(&self) -> Option<(pb::WatchResponse, bool)> {
         let r = self.stream.next().await?;
         Some(to_pb(r, &self.header))
+    }
+}
+
+/// Watch: client streams over the member's watch hub.
+pub struct WatchApi {
+    pub(crate) core: std::sync::Arc<crate::core::Core>,
+    pub(crate) hub: std::sync::Arc<concord_watch::Hub>,
+}
+
+crate::core::shares_core!(WatchApi);
+
+impl WatchBackend for WatchApi {
+    fn has_leader(&self) -> bool {
+        self.raft.status().leader != 0
+    }
+
+    fn leader_check(&self) -> Duration {
+        self.election_timeout
+    }
+
+    fn open_watch(&self) -> ApiResult<Box<dyn WatchSession>> {
+        let identity = self.identity;
+        let raft = self.raft.clone();
+        Ok(Box::new(crate::watch::Session {
+            stream: self.hub.stream(),
+            header: Arc::new(move |revision| {
+                Some(pb::ResponseHeader {
+                    cluster_id: identity.cluster_id,
+                    member_id: identity.member_id,
+                    revision,
+                    raft_term: raft.status().term,
+                })
+            }),
+        }))
     }
 }
