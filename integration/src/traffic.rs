@@ -105,6 +105,23 @@ async fn perform(c: &mut Client, req: &Request) -> Result<Reply, etcd_client::Er
                 revision: revision(r.header()),
             }
         }
+        Request::LeaseGrant { ttl } => {
+            let r = c.lease_grant(*ttl, None).await?;
+            Reply::LeaseGrant {
+                lease: r.id(),
+                ttl: r.ttl(),
+            }
+        }
+        Request::LeaseKeepAlive { lease } => {
+            // The keeper sends the one request; it must live until the answer.
+            let (_keeper, mut answers) = c.lease_keep_alive(*lease).await?;
+            match answers.message().await? {
+                Some(a) if a.ttl() > 0 => Reply::LeaseKeepAlive { ttl: a.ttl() },
+                Some(_) => Reply::Failed("keep-alive answered TTL 0: lease not found".into()),
+                // The stream ended unanswered: it may have renewed.
+                None => Reply::Unknown,
+            }
+        }
         Request::Compact { revision } => {
             c.compact(*revision, None).await?;
             Reply::Compact
