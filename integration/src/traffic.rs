@@ -11,7 +11,9 @@
 //!
 //! Leases are short ([`LEASE_TTLS`]: the server's minimum and a little more), so that
 //! within a run of a few seconds some expire, some are kept alive for a while, and
-//! some are revoked: the checker's lease expiry rule gets exercised.
+//! some are revoked; the put after a grant goes to one of a few [`lease_key`]s that
+//! nothing else writes or deletes, so its lease decides when it goes: the checker's
+//! lease expiry rule gets exercised.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -38,6 +40,33 @@ const MAX_LEASES: usize = 32;
 /// The key of index `i`.
 pub fn key(i: u64) -> String {
     format!("{PREFIX}k{i}")
+}
+
+/// Keys only puts with a fresh lease write (nothing deletes them but their lease), so
+/// that many leased keys live until their lease is revoked or expires.
+pub const LEASE_KEYS: usize = 16;
+
+/// The lease key of index `i` (under [`PREFIX`], apart from the [`key`]s).
+pub fn lease_key(i: u64) -> String {
+    format!("{PREFIX}l{i}")
+}
+
+/// Waits until the cluster at `endpoint` holds no lease: every lease the traffic
+/// granted has been revoked or has expired. Until then an expiry may still write a
+/// revision (deleting its keys), so a run calls this after its clients stop and before
+/// its final write, which must be the last revision. Leases live longer than their TTL
+/// under faults, so give it several TTLs.
+pub async fn wait_leases_gone(endpoint: &str, deadline: Duration) -> anyhow::Result<()> {
+    crate::wait_until(deadline, "every lease expired or revoked", || async {
+        let left = crate::connect(endpoint).await?.leases().await?;
+        anyhow::ensure!(
+            left.leases().is_empty(),
+            "{} leases left",
+            left.leases().len()
+        );
+        Ok(())
+    })
+    .await
 }
 
 fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
@@ -291,7 +320,7 @@ pub async fn client_loop(
                 }
                 leases.push(*lease);
                 queued = Some(Request::Put {
-                    key: key(k as u64),
+                    key: lease_key(rng.below(LEASE_KEYS as u64)),
                     value: format!("c{id}-{n}l"),
                     lease: *lease,
                 });

@@ -369,11 +369,13 @@ async fn scenario(
     println!("robustness: fault: {desc}");
     cluster.clear_network_faults();
     wait_recovered(cluster).await?;
-
-    // A final write every watcher must reach.
+    // Leases expiring later would write after the final write.
     let live = (0..cluster.members.len())
         .find(|&i| !cluster.members[i].retired && cluster.members[i].pid().is_some())
         .context("no live member")?;
+    traffic::wait_leases_gone(&cluster.endpoint(live), Duration::from_secs(60)).await?;
+
+    // A final write every watcher must reach.
     // Retried while the cluster settles, each attempt with its own value: the failed
     // ones go into the history with an unknown outcome (they may have been applied).
     let endpoint = cluster.endpoint(live);
