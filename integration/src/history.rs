@@ -27,8 +27,13 @@
 //!   they may never observe a write invoked after they completed.
 //! * **No phantom writes** ([`Violation::Phantom`]): every put event in the reference
 //!   carries a value some put or txn wrote (values are unique per run), invoked before
-//!   anyone observed that revision; every delete event belongs to a delete, txn or
-//!   lease revoke on that key (or a key that had a lease, which may expire).
+//!   anyone observed that revision; every delete event is explained by a request that
+//!   may have taken effect at that revision (see *Deletes* below) or by the expiry of
+//!   the key's lease.
+//! * **Leases expire no earlier than their TTL** ([`Violation::EarlyExpiry`]): a leased
+//!   key that disappears with nothing but its lease's expiry to explain it must have
+//!   outlived its lease's TTL from the last renewal the client had certainly received
+//!   (see *Leases* below).
 //! * **Revisions are dense** ([`Violation::Reference`]): every revision from 2 to the
 //!   last has an event (every write of the run is under the watched range; revision 1
 //!   is the empty store).
@@ -37,9 +42,63 @@
 //! the reference happened at that revision (and must not have been applied before it
 //! was invoked); one whose value is not never happened. Unknown reads constrain
 //! nothing.
+//!
+//! ## When a revision happened
+//!
+//! The reference gives revisions, not times; the records bound them (all times are the
+//! clients' clock, from the run's origin):
+//!
+//! * **Upper bound** `seen(r)`: the earliest completion of a known record whose reply
+//!   carries a header revision `>= r` (a read, serializable ones included, or a write
+//!   or revoke). The member that answered had applied `r`, so `r` was committed, so
+//!   whatever caused it (a request, or the leader deciding a lease had expired) came
+//!   before that completion. No such record: unbounded.
+//! * **Lower bound** `unseen(r)`: the latest invocation of a known *linearizable*
+//!   record (a linearizable read, a write, a revoke) whose header revision is `< r`.
+//!   Its linearization point lies after its invocation and saw a state without `r`,
+//!   so `r` was committed after that invocation. Serializable reads are left out
+//!   (they may be stale). No such record: 0.
+//!
+//! ## Deletes
+//!
+//! A delete event of key `k` at revision `r` is explained by
+//!
+//! * a delete of `k` (or a txn deleting `k`) acknowledged at `r` (a delete that deleted
+//!   something, a txn that succeeded), or one with an unknown outcome invoked no later
+//!   than `seen(r)`;
+//! * if `k`'s last put before `r` attached it to lease `L` (the put that wrote the value
+//!   the reference shows; txn puts attach no lease): a revoke of `L` acknowledged at `r`
+//!   (a revoke that deletes keys returns the revision of their deletion), or one with
+//!   an unknown outcome invoked no later than `seen(r)` (a revoke that failed, e.g.
+//!   "lease not found", did nothing);
+//! * or else the expiry of `L`, under the rule below.
+//!
+//! ## Leases
+//!
+//! A lease granted with TTL `t` (the smaller of the asked and the granted TTL) and
+//! renewed by keep-alives may live longer than `t` (leader changes extend it, expiry is
+//! noticed on a clock tick), but never shorter than `t` from the later of
+//!
+//! * the **invocation** of its grant (the server starts the clock when it applies the
+//!   grant, which is after the invocation), and
+//! * the **invocation** of every keep-alive acknowledged with a TTL > 0 whose
+//!   **completion** is no later than `unseen(r)`. The server renewed it somewhere
+//!   between invocation and completion, so the invocation is the safe end; and only
+//!   keep-alives that certainly came before the deletion count (one overlapping it may
+//!   have been answered after it, which is a different question than early expiry).
+//!
+//! So a delete of `k` at `r` explained by nothing but `L`'s expiry is a violation iff
+//! `seen(r) < anchor + t - EXPIRY_SLACK`, where `anchor` is the later of those
+//! invocations. [`EXPIRY_SLACK`] only absorbs clock granularity: clients and servers
+//! read the same monotonic clock, and every bound above already errs on the server's
+//! side. A lease whose grant is not in the history (unknown outcome, or a caller that
+//! does not record grants) has no known TTL: its keys may vanish at any time. Lease ids
+//! are assumed not to be reused within a run (Concord and etcd draw them from a
+//! member-unique generator); if one were, the earliest grant's invocation is used.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::time::Duration;
 
 use crate::watchcheck::{EventKind, WatchEvent};
 
@@ -85,6 +144,14 @@ pub enum Request {
     LeaseRevoke {
         lease: i64,
     },
+    /// A lease of `ttl` seconds (granting writes no revision).
+    LeaseGrant {
+        ttl: i64,
+    },
+    /// One keep-alive of `lease` (one request on a keep-alive stream, one answer).
+    LeaseKeepAlive {
+        lease: i64,
+    },
     Compact {
         revision: i64,
     },
@@ -110,6 +177,17 @@ pub enum Reply {
     },
     LeaseRevoke {
         revision: i64,
+    },
+    /// Lease `lease` granted with `ttl` seconds (which may be above the asked TTL: the
+    /// server raises it to its minimum).
+    LeaseGrant {
+        lease: i64,
+        ttl: i64,
+    },
+    /// Renewed to `ttl` seconds (`ttl > 0`; etcd answers a keep-alive of a lease it
+    /// does not have with TTL 0, which callers record as [`Reply::Failed`]).
+    LeaseKeepAlive {
+        ttl: i64,
     },
     Compact,
     /// Known not to have taken effect (e.g. a read refused as compacted, a revoke of a
@@ -149,6 +227,13 @@ pub enum Violation {
         revision: i64,
         detail: String,
     },
+    /// A leased key vanished at `revision` with only its lease's expiry to explain it,
+    /// before that lease's TTL had run out.
+    EarlyExpiry {
+        revision: i64,
+        lease: i64,
+        detail: String,
+    },
     Reference(String),
 }
 
@@ -168,6 +253,14 @@ impl fmt::Display for Violation {
             Violation::Phantom { revision, detail } => {
                 write!(f, "phantom write at revision {revision}: {detail}")
             }
+            Violation::EarlyExpiry {
+                revision,
+                lease,
+                detail,
+            } => write!(
+                f,
+                "lease {lease:x} expired early (its keys deleted at revision {revision}): {detail}"
+            ),
             Violation::Reference(d) => write!(f, "reference log: {d}"),
         }
     }
@@ -184,6 +277,9 @@ pub struct Report {
     pub reads_checked: usize,
     pub serializable_reads: usize,
     pub writes_checked: usize,
+    /// Deletes of leased keys that only the lease's expiry explains, with a known TTL
+    /// (each checked against it).
+    pub expiries_checked: usize,
     pub revisions: i64,
     pub violations: Vec<Violation>,
 }
@@ -198,8 +294,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ops ({} known, {} unknown, {} of those applied), {} reads ({} serializable) \
-             and {} writes checked over {} revisions: ",
+            "{} ops ({} known, {} unknown, {} of those applied), {} reads ({} serializable), \
+             {} writes and {} lease expiries checked over {} revisions: ",
             self.ops,
             self.known,
             self.unknown,
@@ -207,6 +303,7 @@ impl fmt::Display for Report {
             self.reads_checked,
             self.serializable_reads,
             self.writes_checked,
+            self.expiries_checked,
             self.revisions
         )?;
         if self.violations.is_empty() {
@@ -300,6 +397,163 @@ struct Position {
     serializable: bool,
 }
 
+/// Allowance for clock granularity in the lease expiry rule (see the module docs).
+pub const EXPIRY_SLACK: Duration = Duration::from_millis(100);
+const EXPIRY_SLACK_NANOS: u64 = EXPIRY_SLACK.as_nanos() as u64;
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A record time (nanoseconds from the origin) in seconds, for messages.
+fn secs(t: u64) -> String {
+    if t == u64::MAX {
+        "never".into()
+    } else {
+        format!("{:.3} s", t as f64 / 1e9)
+    }
+}
+
+/// Bounds on when each revision happened (see the module docs).
+struct RevisionTimes {
+    /// `(revision, completion)` by revision, each completion lowered to the earliest
+    /// at or after its revision.
+    seen: Vec<(i64, u64)>,
+    /// `(revision, invocation)` of linearizable records by revision, each invocation
+    /// raised to the latest at or before its revision.
+    unseen: Vec<(i64, u64)>,
+}
+
+impl RevisionTimes {
+    fn new(history: &[Record]) -> RevisionTimes {
+        let mut seen = Vec::new();
+        let mut unseen = Vec::new();
+        for rec in history {
+            let (revision, linearizable) = match (&rec.request, &rec.reply) {
+                (Request::Range { serializable, .. }, Reply::Range { revision, .. }) => {
+                    (*revision, !serializable)
+                }
+                (_, Reply::Put { revision })
+                | (_, Reply::Delete { revision, .. })
+                | (_, Reply::Txn { revision, .. })
+                | (_, Reply::LeaseRevoke { revision }) => (*revision, true),
+                _ => continue,
+            };
+            if revision <= 0 {
+                continue;
+            }
+            seen.push((revision, rec.complete));
+            if linearizable {
+                unseen.push((revision, rec.invoke));
+            }
+        }
+        seen.sort_unstable();
+        for i in (1..seen.len()).rev() {
+            seen[i - 1].1 = seen[i - 1].1.min(seen[i].1);
+        }
+        unseen.sort_unstable();
+        for i in 1..unseen.len() {
+            unseen[i].1 = unseen[i].1.max(unseen[i - 1].1);
+        }
+        RevisionTimes { seen, unseen }
+    }
+
+    /// By then revision `rev` existed (`u64::MAX`: no bound).
+    fn seen(&self, rev: i64) -> u64 {
+        let i = self.seen.partition_point(|(r, _)| *r < rev);
+        self.seen.get(i).map_or(u64::MAX, |(_, t)| *t)
+    }
+
+    /// Revision `rev` was committed after this time (0: no bound).
+    fn unseen(&self, rev: i64) -> u64 {
+        let i = self.unseen.partition_point(|(r, _)| *r < rev);
+        i.checked_sub(1).map_or(0, |j| self.unseen[j].1)
+    }
+}
+
+/// Whether `rec` (a delete, txn or revoke) may have written revision `rev`, which
+/// existed by `seen`.
+fn may_have_written(rec: &Record, rev: i64, seen: u64) -> bool {
+    match &rec.reply {
+        Reply::Delete { revision, deleted } => *deleted > 0 && *revision == rev,
+        Reply::Txn {
+            revision,
+            succeeded,
+        } => *succeeded && *revision == rev,
+        Reply::LeaseRevoke { revision } => *revision == rev,
+        Reply::Unknown => rec.invoke <= seen,
+        _ => false,
+    }
+}
+
+/// A lease's grant as the history knows it.
+struct Grant {
+    /// The earliest invocation of an acknowledged grant of this id.
+    invoke: u64,
+    /// The smaller of the asked and the granted TTL, in seconds.
+    ttl: i64,
+}
+
+/// The lease requests of a history, by lease id.
+struct Leases {
+    grants: HashMap<i64, Grant>,
+    /// `(invoke, complete)` of every keep-alive acknowledged with a TTL > 0.
+    renewals: HashMap<i64, Vec<(u64, u64)>>,
+    /// Indexes of the revokes of each lease.
+    revokes: HashMap<i64, Vec<usize>>,
+}
+
+impl Leases {
+    fn new(history: &[Record]) -> Leases {
+        let mut l = Leases {
+            grants: HashMap::new(),
+            renewals: HashMap::new(),
+            revokes: HashMap::new(),
+        };
+        for (i, rec) in history.iter().enumerate() {
+            match (&rec.request, &rec.reply) {
+                // The earliest grant of an id (see the module docs on reuse).
+                (Request::LeaseGrant { ttl: asked }, Reply::LeaseGrant { lease, ttl })
+                    if l.grants.get(lease).is_none_or(|g| rec.invoke < g.invoke) =>
+                {
+                    let ttl = (*asked).min(*ttl).max(0);
+                    l.grants.insert(
+                        *lease,
+                        Grant {
+                            invoke: rec.invoke,
+                            ttl,
+                        },
+                    );
+                }
+                (Request::LeaseKeepAlive { lease }, Reply::LeaseKeepAlive { ttl }) if *ttl > 0 => {
+                    l.renewals
+                        .entry(*lease)
+                        .or_default()
+                        .push((rec.invoke, rec.complete));
+                }
+                (Request::LeaseRevoke { lease }, _) => l.revokes.entry(*lease).or_default().push(i),
+                _ => {}
+            }
+        }
+        l
+    }
+
+    /// Whether a revoke of `lease` may have written revision `rev` (existing by `seen`).
+    fn revoked(&self, lease: i64, history: &[Record], rev: i64, seen: u64) -> bool {
+        self.revokes.get(&lease).is_some_and(|ops| {
+            ops.iter()
+                .any(|&i| may_have_written(&history[i], rev, seen))
+        })
+    }
+
+    /// The latest invocation of a renewal of `lease` that completed by `by`.
+    fn renewed_before(&self, lease: i64, by: u64) -> Option<u64> {
+        self.renewals
+            .get(&lease)?
+            .iter()
+            .filter(|(_, complete)| *complete <= by)
+            .map(|(invoke, _)| *invoke)
+            .max()
+    }
+}
+
 /// Checks `history` against `reference` (every event of every revision, in order).
 pub fn check(history: &[Record], reference: &[WatchEvent]) -> Report {
     let model = Model::new(reference);
@@ -333,9 +587,27 @@ pub fn check(history: &[Record], reference: &[WatchEvent]) -> Report {
             _ => {}
         }
     }
+    let times = RevisionTimes::new(history);
+    let leases = Leases::new(history);
+    // The requests that may delete each key.
+    let mut deleters: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, rec) in history.iter().enumerate() {
+        match &rec.request {
+            Request::Delete { key } => deleters.entry(key).or_default().push(i),
+            Request::Txn { then, .. } => {
+                for w in then {
+                    if let TxnWrite::Delete { key } = w {
+                        deleters.entry(key).or_default().push(i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     // Where each write landed according to the reference.
     let mut applied_at: HashMap<usize, i64> = HashMap::new();
-    let mut leased_keys: HashMap<&str, bool> = HashMap::new();
+    // The lease each key is attached to now (0: none), as its last put set it.
+    let mut attached: HashMap<&str, i64> = HashMap::new();
     for e in reference {
         let key = std::str::from_utf8(&e.key).unwrap_or("<binary>");
         match e.kind {
@@ -351,29 +623,74 @@ pub fn check(history: &[Record], reference: &[WatchEvent]) -> Report {
                                 detail: format!("op {op} applied twice (also at {prev})"),
                             });
                         }
-                        let leased = matches!(&history[op].request, Request::Put { lease, .. } if *lease != 0);
-                        leased_keys.insert(key, leased);
+                        let lease = match &history[op].request {
+                            Request::Put { lease, .. } => *lease,
+                            _ => 0,
+                        };
+                        attached.insert(key, lease);
                     }
-                    None => r.violations.push(Violation::Phantom {
-                        revision: e.mod_revision,
-                        detail: format!("{e} was written by no request"),
-                    }),
+                    None => {
+                        attached.remove(key);
+                        r.violations.push(Violation::Phantom {
+                            revision: e.mod_revision,
+                            detail: format!("{e} was written by no request"),
+                        });
+                    }
                 }
             }
             EventKind::Delete => {
-                let explained = leased_keys.get(key).copied().unwrap_or(false)
-                    || history.iter().any(|rec| match &rec.request {
-                        Request::Delete { key: k } => k == key,
-                        Request::Txn { then, .. } => then
-                            .iter()
-                            .any(|w| matches!(w, TxnWrite::Delete { key: k } if k == key)),
-                        Request::LeaseRevoke { .. } => true,
-                        _ => false,
-                    });
-                if !explained {
+                let rev = e.mod_revision;
+                let seen = times.seen(rev);
+                let lease = attached.remove(key).unwrap_or(0);
+                let by_request = deleters.get(key).is_some_and(|ops| {
+                    ops.iter()
+                        .any(|&i| may_have_written(&history[i], rev, seen))
+                });
+                if by_request {
+                    continue;
+                }
+                if lease == 0 {
                     r.violations.push(Violation::Phantom {
-                        revision: e.mod_revision,
-                        detail: format!("{e} was asked by no request"),
+                        revision: rev,
+                        detail: format!(
+                            "{e} was asked by no request that may have taken effect there"
+                        ),
+                    });
+                    continue;
+                }
+                if leases.revoked(lease, history, rev, seen) {
+                    continue;
+                }
+                let Some(grant) = leases.grants.get(&lease) else {
+                    // No known TTL: it may have expired any time.
+                    continue;
+                };
+                r.expiries_checked += 1;
+                let unseen = times.unseen(rev);
+                let renewed = leases.renewed_before(lease, unseen);
+                let anchor = renewed.map_or(grant.invoke, |ka| ka.max(grant.invoke));
+                let ttl = u64::try_from(grant.ttl)
+                    .unwrap_or(0)
+                    .saturating_mul(NANOS_PER_SEC);
+                let earliest = anchor
+                    .saturating_add(ttl)
+                    .saturating_sub(EXPIRY_SLACK_NANOS);
+                if seen < earliest {
+                    r.violations.push(Violation::EarlyExpiry {
+                        revision: rev,
+                        lease,
+                        detail: format!(
+                            "{e} was seen by {} (nothing else deleted it), but the lease \
+                             (TTL {} s) was granted at {}{} and may not expire before {}",
+                            secs(seen),
+                            grant.ttl,
+                            secs(grant.invoke),
+                            renewed.map_or(String::new(), |ka| format!(
+                                ", renewed by a keep-alive invoked at {}",
+                                secs(ka)
+                            )),
+                            secs(anchor.saturating_add(ttl))
+                        ),
                     });
                 }
             }
@@ -815,5 +1132,234 @@ mod tests {
                 .any(|v| matches!(v, Violation::Reference(_))),
             "{r}"
         );
+    }
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000 * MS;
+
+    /// Lease 7 (TTL 2 s) granted at 0, `x` put with it at revision 2, `x` deleted at 3
+    /// with nothing but the lease to explain it; a read completing at `seen` is the
+    /// first to observe revision 3.
+    fn leased(seen: u64) -> (Vec<Record>, Vec<WatchEvent>) {
+        let history = vec![
+            rec(
+                0,
+                Request::LeaseGrant { ttl: 2 },
+                Reply::LeaseGrant { lease: 7, ttl: 2 },
+                0,
+                10 * MS,
+            ),
+            rec(
+                0,
+                Request::Put {
+                    key: "x".into(),
+                    value: "1".into(),
+                    lease: 7,
+                },
+                Reply::Put { revision: 2 },
+                20 * MS,
+                30 * MS,
+            ),
+            rec(
+                1,
+                get("x"),
+                Reply::Range {
+                    revision: 3,
+                    kvs: vec![],
+                },
+                seen - 10 * MS,
+                seen,
+            ),
+        ];
+        let reference = vec![put_event("x", "1", 2, 2, 1), WatchEvent::delete("x", 3)];
+        (history, reference)
+    }
+
+    fn early_expiry(r: &Report) -> bool {
+        r.violations.iter().any(|v| {
+            matches!(
+                v,
+                Violation::EarlyExpiry {
+                    revision: 3,
+                    lease: 7,
+                    ..
+                }
+            )
+        })
+    }
+
+    #[test]
+    fn a_leased_key_gone_before_its_ttl_ran_out_is_an_early_expiry() {
+        let (h, reference) = leased(S);
+        let r = check(&h, &reference);
+        assert!(early_expiry(&r), "{r}");
+        assert_eq!(r.violations.len(), 1, "{r}");
+        assert_eq!(r.expiries_checked, 1);
+        // Just outside the slack.
+        let (h, reference) = leased(2 * S - EXPIRY_SLACK_NANOS - MS);
+        assert!(early_expiry(&check(&h, &reference)));
+    }
+
+    #[test]
+    fn a_leased_key_gone_after_its_ttl_ran_out_is_fine() {
+        for seen in [2 * S - EXPIRY_SLACK_NANOS, 2 * S, 30 * S] {
+            let (h, reference) = leased(seen);
+            let r = check(&h, &reference);
+            assert!(r.is_ok(), "seen at {seen}: {r}");
+            assert_eq!(r.expiries_checked, 1);
+        }
+        // Nobody observed the deletion: it may have happened any time later.
+        let (mut h, reference) = leased(S);
+        h.pop();
+        assert!(check(&h, &reference).is_ok());
+    }
+
+    #[test]
+    fn a_leased_key_gone_after_a_revoke_is_fine() {
+        let revoke = |reply: Reply, invoke: u64| {
+            rec(
+                2,
+                Request::LeaseRevoke { lease: 7 },
+                reply,
+                invoke,
+                invoke + 10 * MS,
+            )
+        };
+        // Acknowledged at the deletion's revision.
+        let (mut h, reference) = leased(S);
+        h.push(revoke(Reply::LeaseRevoke { revision: 3 }, 500 * MS));
+        let r = check(&h, &reference);
+        assert!(r.is_ok(), "{r}");
+        assert_eq!(r.expiries_checked, 0);
+        // Unknown outcome, invoked before the deletion was seen.
+        let (mut h, reference) = leased(S);
+        h.push(revoke(Reply::Unknown, 500 * MS));
+        assert!(check(&h, &reference).is_ok());
+        // But not one invoked after the deletion was seen, one that failed, one
+        // acknowledged elsewhere or one of another lease.
+        for (reply, invoke) in [
+            (Reply::Unknown, 1500 * MS),
+            (Reply::Failed("lease not found".into()), 500 * MS),
+            (Reply::LeaseRevoke { revision: 2 }, 500 * MS),
+        ] {
+            let (mut h, reference) = leased(S);
+            h.push(revoke(reply.clone(), invoke));
+            assert!(early_expiry(&check(&h, &reference)), "{reply:?}");
+        }
+        let (mut h, reference) = leased(S);
+        h.push(rec(
+            2,
+            Request::LeaseRevoke { lease: 8 },
+            Reply::LeaseRevoke { revision: 3 },
+            500 * MS,
+            510 * MS,
+        ));
+        assert!(early_expiry(&check(&h, &reference)));
+    }
+
+    #[test]
+    fn a_renewed_lease_gone_before_its_ttl_from_the_renewal_is_an_early_expiry() {
+        let keep_alive = rec(
+            0,
+            Request::LeaseKeepAlive { lease: 7 },
+            Reply::LeaseKeepAlive { ttl: 2 },
+            1500 * MS,
+            1600 * MS,
+        );
+        // A linearizable read invoked after the keep-alive completed still saw the key:
+        // the renewal certainly came first, so the lease lives until 3.5 s at least.
+        let still_there = rec(
+            1,
+            get("x"),
+            Reply::Range {
+                revision: 2,
+                kvs: vec![kv("x", "1", 2, 2, 1)],
+            },
+            1700 * MS,
+            1800 * MS,
+        );
+        let (mut h, reference) = leased(2500 * MS);
+        assert!(check(&h, &reference).is_ok(), "without the renewal");
+        h.push(keep_alive.clone());
+        h.push(still_there.clone());
+        let r = check(&h, &reference);
+        assert!(early_expiry(&r), "{r}");
+        // Gone after the renewed TTL: fine.
+        let (mut h, reference) = leased(3500 * MS);
+        h.push(keep_alive.clone());
+        h.push(still_there.clone());
+        assert!(check(&h, &reference).is_ok());
+        // A keep-alive nothing orders before the deletion may have been answered after
+        // it: it does not count.
+        let (mut h, reference) = leased(2500 * MS);
+        h.push(keep_alive.clone());
+        assert!(check(&h, &reference).is_ok());
+        // Nor does one that found no lease.
+        let (mut h, reference) = leased(2500 * MS);
+        h.push(rec(
+            0,
+            Request::LeaseKeepAlive { lease: 7 },
+            Reply::Failed("lease not found".into()),
+            1500 * MS,
+            1600 * MS,
+        ));
+        h.push(still_there);
+        assert!(check(&h, &reference).is_ok());
+    }
+
+    #[test]
+    fn a_lease_without_a_recorded_grant_may_expire_any_time() {
+        let (mut h, reference) = leased(S);
+        h.remove(0);
+        let r = check(&h, &reference);
+        assert!(r.is_ok(), "{r}");
+        assert_eq!(r.expiries_checked, 0);
+    }
+
+    #[test]
+    fn a_delete_needs_a_request_that_may_have_taken_effect_there() {
+        let (mut h, mut reference) = base();
+        reference.push(WatchEvent::delete("x", 4));
+        // A delete of x that found nothing (at 1, before the first put) explains
+        // nothing at 4.
+        h.push(rec(
+            3,
+            Request::Delete { key: "x".into() },
+            Reply::Delete {
+                revision: 1,
+                deleted: 0,
+            },
+            0,
+            5,
+        ));
+        h.push(rec(
+            4,
+            get("x"),
+            Reply::Range {
+                revision: 4,
+                kvs: vec![],
+            },
+            60,
+            70,
+        ));
+        let r = check(&h, &reference);
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| matches!(v, Violation::Phantom { revision: 4, .. })),
+            "{r}"
+        );
+        // One with an unknown outcome, invoked before revision 4 was seen, does.
+        h.push(rec(
+            5,
+            Request::Delete { key: "x".into() },
+            Reply::Unknown,
+            65,
+            80,
+        ));
+        assert!(check(&h, &reference).is_ok());
+        // One invoked after it was seen does not.
+        h.last_mut().expect("pushed").invoke = 75;
+        assert!(!check(&h, &reference).is_ok());
     }
 }

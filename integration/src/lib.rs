@@ -181,6 +181,120 @@ where
     bail!("{what} not ready after {deadline:?}: {last:?}")
 }
 
+/// What an etcd server or client says when a request could not be served *now* but
+/// may be later: leadership is moving or missing, the request timed out, the member is
+/// restarting, or the connection is down. Anything else (a wrong answer, "compacted",
+/// "lease not found", a failed assertion) is not transient.
+const TRANSIENT: &[&str] = &[
+    "etcdserver: no leader",
+    "etcdserver: not leader",
+    "etcdserver: leader changed",
+    "etcdserver: request timed out",
+    "etcdserver: server stopped",
+    "transport error",
+    "connection refused",
+    "connection reset",
+    "broken pipe",
+    "deadline has elapsed",
+    "timeout expired",
+    "timed out",
+];
+
+/// Whether `e` is an error worth retrying (see [`TRANSIENT`]): from its gRPC code
+/// (`Unavailable`, `DeadlineExceeded`, `Cancelled`), its kind (transport, I/O, an
+/// elapsed tokio timeout) or, for errors that reached us as text (e.g. `etcdctl`'s
+/// stderr), its message.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<etcd_client::Error>() {
+            return is_transient_etcd(e);
+        }
+        if let Some(s) = cause.downcast_ref::<tonic::Status>() {
+            return transient_status(s);
+        }
+        if cause.is::<tokio::time::error::Elapsed>() {
+            return true;
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            return transient_io(e);
+        }
+        transient_text(&cause.to_string())
+    })
+}
+
+fn transient_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | NotConnected
+            | BrokenPipe
+            | TimedOut
+            | UnexpectedEof
+    )
+}
+
+/// [`is_transient`] for an `etcd-client` error.
+pub fn is_transient_etcd(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => transient_status(s),
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::IoError(e) => transient_io(e),
+        other => transient_text(&other.to_string()),
+    }
+}
+
+fn transient_status(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    ) || transient_text(s.message())
+}
+
+fn transient_text(text: &str) -> bool {
+    let text = text.to_lowercase();
+    TRANSIENT.iter().any(|t| text.contains(t))
+}
+
+/// Runs `f` until it succeeds, retrying (after a short pause) only while it fails with
+/// a transient error ([`is_transient`]) and `deadline` has not passed; any other error
+/// is returned at once. For the checking phase of fault tests: after the faults are
+/// undone, an election or a restarting member may still refuse a request or two, which
+/// says nothing about what is being checked. `f` should be safe to repeat (a read, or
+/// a write whose repetition the check tolerates).
+pub async fn retry_transient<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let end = Instant::now() + deadline;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let e = match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if !is_transient(&e) {
+            return Err(e.context(format!("{what} (attempt {attempts}, not transient)")));
+        }
+        if Instant::now() >= end {
+            return Err(e.context(format!(
+                "{what}: still failing after {attempts} attempts in {deadline:?}"
+            )));
+        }
+        // A retry pause, not synchronisation: what we wait for is the next success.
+        let pause = Duration::from_millis(50 * u64::from(attempts.min(10)));
+        tokio::time::sleep(pause.min(end.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// How long the checking phase of a fault test retries transient errors
+/// ([`retry_transient`]): several elections' worth.
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Waits until the server at `endpoint` answers a read, as `etcdctl endpoint health`
 /// checks it.
 pub async fn wait_answering(endpoint: &str, deadline: Duration) -> Result<()> {
@@ -506,4 +620,80 @@ pub async fn revision(c: &mut etcd_client::Client) -> i64 {
         .header()
         .expect("a header")
         .revision()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_errors_are_told_from_the_others() {
+        let status = |code, msg: &str| {
+            anyhow::Error::from(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                code, msg,
+            )))
+        };
+        assert!(is_transient(&status(
+            tonic::Code::Unavailable,
+            "etcdserver: no leader"
+        )));
+        assert!(is_transient(
+            &status(tonic::Code::Unavailable, "etcdserver: leader changed").context("a get")
+        ));
+        assert!(is_transient(&status(
+            tonic::Code::Unknown,
+            "transport error"
+        )));
+        assert!(!is_transient(&status(
+            tonic::Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted"
+        )));
+        assert!(!is_transient(&status(
+            tonic::Code::NotFound,
+            "etcdserver: requested lease not found"
+        )));
+        // As text, e.g. from etcdctl's stderr.
+        assert!(is_transient(&anyhow::anyhow!(
+            "Error: etcdserver: request timed out"
+        )));
+        assert!(!is_transient(&anyhow::anyhow!("counter 3, acknowledged 4")));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(is_transient(&anyhow::Error::from(refused)));
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!is_transient(&anyhow::Error::from(missing)));
+    }
+
+    #[tokio::test]
+    async fn retry_transient_retries_only_transient_errors() {
+        let mut calls = 0;
+        let v = retry_transient(Duration::from_secs(10), "flaky", || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    bail!("etcdserver: no leader");
+                }
+                Ok(n)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 3);
+
+        let mut calls = 0;
+        let e = retry_transient(Duration::from_secs(10), "broken", || {
+            calls += 1;
+            async { Err::<(), _>(anyhow::anyhow!("wrong value")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls, 1, "{e:#}");
+
+        let e = retry_transient(Duration::from_millis(200), "down", || async {
+            Err::<(), _>(anyhow::anyhow!("etcdserver: leader changed"))
+        })
+        .await
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("still failing"), "{e:#}");
+    }
 }

@@ -1,11 +1,19 @@
 //! Client traffic for the robustness scenarios: sequential clients issuing a realistic
 //! mix of requests (get, range, serializable get, put, delete, multi-op txn,
-//! compare-and-set, put with a lease, lease revoke, compaction) on a few keys under
-//! [`PREFIX`], each recorded as a [`history::Record`] with invoke / complete times.
-//! Writes that fail in any way are recorded as [`Reply::Unknown`] (they may have been
-//! applied); failed reads as unknown too (they constrain nothing). Every value written
-//! is unique in the run (`c<client>-<n>`), which is what lets the checker tell which
-//! request wrote what.
+//! compare-and-set, lease grant followed by a put with that lease, put with an older
+//! lease, keep-alive, lease revoke, compaction) on a few keys under [`PREFIX`], each
+//! recorded as a [`history::Record`] with invoke / complete times. Writes that fail in
+//! any way are recorded as [`Reply::Unknown`] (they may have been applied); failed
+//! reads as unknown too (they constrain nothing); "lease not found" and "compacted"
+//! answers, and keep-alives answered with TTL 0, as [`Reply::Failed`]. Every value
+//! written is unique in the run (`c<client>-<n>`), which is what lets the checker tell
+//! which request wrote what.
+//!
+//! Leases are short ([`LEASE_TTLS`]: the server's minimum and a little more), so that
+//! within a run of a few seconds some expire, some are kept alive for a while, and
+//! some are revoked; the put after a grant goes to one of a few [`lease_key`]s that
+//! nothing else writes or deletes, so its lease decides when it goes: the checker's
+//! lease expiry rule gets exercised.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,10 +32,41 @@ pub const PREFIX_END: &str = "r0";
 pub const KEYS: usize = 6;
 /// A request that has not answered by then is given up (unknown outcome).
 const OP_TIMEOUT: Duration = Duration::from_secs(4);
+/// The TTLs (seconds) leases are granted with, picked at random.
+pub const LEASE_TTLS: [i64; 3] = [2, 3, 5];
+/// Leases a client remembers for keep-alives, revokes and puts (oldest dropped).
+const MAX_LEASES: usize = 32;
 
 /// The key of index `i`.
 pub fn key(i: u64) -> String {
     format!("{PREFIX}k{i}")
+}
+
+/// Keys only puts with a fresh lease write (nothing deletes them but their lease), so
+/// that many leased keys live until their lease is revoked or expires.
+pub const LEASE_KEYS: usize = 16;
+
+/// The lease key of index `i` (under [`PREFIX`], apart from the [`key`]s).
+pub fn lease_key(i: u64) -> String {
+    format!("{PREFIX}l{i}")
+}
+
+/// Waits until the cluster at `endpoint` holds no lease: every lease the traffic
+/// granted has been revoked or has expired. Until then an expiry may still write a
+/// revision (deleting its keys), so a run calls this after its clients stop and before
+/// its final write, which must be the last revision. Leases live longer than their TTL
+/// under faults, so give it several TTLs.
+pub async fn wait_leases_gone(endpoint: &str, deadline: Duration) -> anyhow::Result<()> {
+    crate::wait_until(deadline, "every lease expired or revoked", || async {
+        let left = crate::connect(endpoint).await?.leases().await?;
+        anyhow::ensure!(
+            left.leases().is_empty(),
+            "{} leases left",
+            left.leases().len()
+        );
+        Ok(())
+    })
+    .await
 }
 
 fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
@@ -105,6 +144,23 @@ async fn perform(c: &mut Client, req: &Request) -> Result<Reply, etcd_client::Er
                 revision: revision(r.header()),
             }
         }
+        Request::LeaseGrant { ttl } => {
+            let r = c.lease_grant(*ttl, None).await?;
+            Reply::LeaseGrant {
+                lease: r.id(),
+                ttl: r.ttl(),
+            }
+        }
+        Request::LeaseKeepAlive { lease } => {
+            // The keeper sends the one request; it must live until the answer.
+            let (_keeper, mut answers) = c.lease_keep_alive(*lease).await?;
+            match answers.message().await? {
+                Some(a) if a.ttl() > 0 => Reply::LeaseKeepAlive { ttl: a.ttl() },
+                Some(_) => Reply::Failed("keep-alive answered TTL 0: lease not found".into()),
+                // The stream ended unanswered: it may have renewed.
+                None => Reply::Unknown,
+            }
+        }
         Request::Compact { revision } => {
             c.compact(*revision, None).await?;
             Reply::Compact
@@ -130,6 +186,8 @@ pub async fn client_loop(
     let mut n = 0u64;
     let mut last_seen: Vec<Option<String>> = vec![None; KEYS];
     let mut leases: Vec<i64> = Vec::new();
+    // The next request, if one is decided already (the put after a grant).
+    let mut queued: Option<Request> = None;
     let now = |origin: Instant| u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
     while Instant::now() < stop {
         let Some(c) = conn.as_mut() else {
@@ -146,81 +204,81 @@ pub async fn client_loop(
         let value = format!("c{id}-{n}");
         let k = rng.below(KEYS as u64) as usize;
         let dice = rng.below(100);
-        let req = match dice {
-            0..=19 => Request::Range {
-                start: key(k as u64),
-                end: String::new(),
-                serializable: false,
-            },
-            20..=27 => Request::Range {
-                start: PREFIX.into(),
-                end: PREFIX_END.into(),
-                serializable: false,
-            },
-            28..=34 => Request::Range {
-                start: key(k as u64),
-                end: String::new(),
-                serializable: true,
-            },
-            35..=54 => Request::Put {
-                key: key(k as u64),
-                value,
-                lease: 0,
-            },
-            55..=61 => Request::Delete { key: key(k as u64) },
-            62..=69 => {
-                let other = (k + 1) % KEYS;
-                Request::Txn {
-                    compares: vec![(key(k as u64), last_seen[k].clone())],
-                    then: vec![
-                        TxnWrite::Put {
-                            key: key(k as u64),
-                            value: value.clone(),
-                        },
-                        TxnWrite::Put {
-                            key: key(other as u64),
-                            value: format!("{value}b"),
-                        },
-                    ],
-                }
-            }
-            70..=84 => Request::Txn {
-                compares: vec![(key(k as u64), last_seen[k].clone())],
-                then: vec![TxnWrite::Put {
+        let req = if let Some(req) = queued.take() {
+            req
+        } else {
+            match dice {
+                0..=19 => Request::Range {
+                    start: key(k as u64),
+                    end: String::new(),
+                    serializable: false,
+                },
+                20..=27 => Request::Range {
+                    start: PREFIX.into(),
+                    end: PREFIX_END.into(),
+                    serializable: false,
+                },
+                28..=34 => Request::Range {
+                    start: key(k as u64),
+                    end: String::new(),
+                    serializable: true,
+                },
+                35..=54 => Request::Put {
                     key: key(k as u64),
                     value,
-                }],
-            },
-            85..=92 => {
-                // Put with a lease (granted here: a grant writes no revision).
-                match tokio::time::timeout(OP_TIMEOUT, c.lease_grant(30, None)).await {
-                    Ok(Ok(g)) => {
-                        leases.push(g.id());
-                        Request::Put {
-                            key: key(k as u64),
-                            value,
-                            lease: g.id(),
-                        }
+                    lease: 0,
+                },
+                55..=61 => Request::Delete { key: key(k as u64) },
+                62..=69 => {
+                    let other = (k + 1) % KEYS;
+                    Request::Txn {
+                        compares: vec![(key(k as u64), last_seen[k].clone())],
+                        then: vec![
+                            TxnWrite::Put {
+                                key: key(k as u64),
+                                value: value.clone(),
+                            },
+                            TxnWrite::Put {
+                                key: key(other as u64),
+                                value: format!("{value}b"),
+                            },
+                        ],
                     }
-                    _ => {
-                        conn = None;
+                }
+                70..=84 => Request::Txn {
+                    compares: vec![(key(k as u64), last_seen[k].clone())],
+                    then: vec![TxnWrite::Put {
+                        key: key(k as u64),
+                        value,
+                    }],
+                },
+                // A grant; a put with the new lease follows (see below).
+                85..=89 => Request::LeaseGrant {
+                    ttl: LEASE_TTLS[rng.below(LEASE_TTLS.len() as u64) as usize],
+                },
+                // Another key on a lease already granted (which may have expired).
+                90..=91 if !leases.is_empty() => Request::Put {
+                    key: key(k as u64),
+                    value,
+                    lease: leases[rng.below(leases.len() as u64) as usize],
+                },
+                92..=94 if !leases.is_empty() => Request::LeaseKeepAlive {
+                    lease: leases[rng.below(leases.len() as u64) as usize],
+                },
+                95..=97 if !leases.is_empty() => {
+                    let i = rng.below(leases.len() as u64) as usize;
+                    Request::LeaseRevoke {
+                        lease: leases.swap_remove(i),
+                    }
+                }
+                _ => {
+                    let safe = compact_to.load(Ordering::Acquire) - 5;
+                    if safe < 2 {
                         continue;
                     }
-                }
-            }
-            93..=97 if !leases.is_empty() => {
-                let i = rng.below(leases.len() as u64) as usize;
-                Request::LeaseRevoke {
-                    lease: leases.swap_remove(i),
-                }
-            }
-            _ => {
-                let safe = compact_to.load(Ordering::Acquire) - 5;
-                if safe < 2 {
-                    continue;
-                }
-                Request::Compact {
-                    revision: safe - rng.below(10) as i64,
+                    Request::Compact {
+                        revision: safe - rng.below(10) as i64,
+                    }
                 }
             }
         };
@@ -254,6 +312,25 @@ pub async fn client_loop(
             && let Some(i) = (0..KEYS).find(|&i| key(i as u64) == *start)
         {
             last_seen[i] = kvs.first().map(|kv| kv.value.clone());
+        }
+        match (&req, &reply) {
+            (Request::LeaseGrant { .. }, Reply::LeaseGrant { lease, .. }) => {
+                if leases.len() >= MAX_LEASES {
+                    leases.remove(0);
+                }
+                leases.push(*lease);
+                queued = Some(Request::Put {
+                    key: lease_key(rng.below(LEASE_KEYS as u64)),
+                    value: format!("c{id}-{n}l"),
+                    lease: *lease,
+                });
+            }
+            (Request::LeaseKeepAlive { lease }, Reply::Failed(_))
+            | (Request::Put { lease, .. }, Reply::Failed(_)) => {
+                // Gone (expired or revoked).
+                leases.retain(|l| l != lease);
+            }
+            _ => {}
         }
         history.push(Record {
             client: id,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::{etcdctl, wait_until};
+use concord_integration::{RETRY_DEADLINE, etcdctl, retry_transient, wait_until};
 use etcd_client::{Client, ConnectOptions, GetOptions};
 
 /// Which server the tests run against (`Kind::Etcd` to check the tests themselves).
@@ -83,6 +83,11 @@ struct Status {
     /// Commit index (`raft_index`).
     commit: u64,
     applied: u64,
+}
+
+/// Member `i`'s status (2 s timeout).
+async fn status_of(c: &Cluster, i: usize) -> Result<Status> {
+    status(&c.endpoint(i), Duration::from_secs(2)).await
 }
 
 async fn status(endpoint: &str, timeout: Duration) -> Result<Status> {
@@ -610,12 +615,14 @@ async fn leader_kill_under_write_load() {
 
     // The old leader catches up: it applies what the others had committed, and
     // serves the last acknowledged write.
-    let target = statuses(&c, &survivors, Duration::from_secs(2))
-        .await
-        .into_iter()
-        .map(|(i, s)| ok(&c, &format!("status of n{}", i + 1), s).commit)
-        .max()
-        .unwrap();
+    let mut target = 0;
+    for &i in &survivors {
+        let s = retry_transient(RETRY_DEADLINE, &format!("status of n{}", i + 1), || {
+            status_of(&c, i)
+        })
+        .await;
+        target = target.max(ok(&c, &format!("status of n{}", i + 1), s).commit);
+    }
     let last = acked.iter().max_by_key(|a| a.2).unwrap().clone();
     ok(
         &c,
@@ -629,15 +636,11 @@ async fn leader_kill_under_write_load() {
     );
 
     // A marker write: once every member serves it, each has every write before it.
-    let mut lc = ok(&c, "client", c.client(new).await);
-    let marker_rev = ok(
-        &c,
-        "marker put",
-        lc.put("load-marker", "m", None).await.map_err(Into::into),
-    )
-    .header()
-    .unwrap()
-    .revision();
+    let marker = retry_transient(RETRY_DEADLINE, "marker put", || async {
+        Ok(c.client(new).await?.put("load-marker", "m", None).await?)
+    })
+    .await;
+    let marker_rev = ok(&c, "marker put", marker).header().unwrap().revision();
     for i in 0..3 {
         ok(
             &c,
@@ -650,8 +653,11 @@ async fn leader_kill_under_write_load() {
     // the members agree on everything below the marker.
     let mut views = Vec::new();
     for i in 0..3 {
-        let mut cl = ok(&c, "client", c.client(i).await);
-        let kvs = ok(&c, "prefix read", range(&mut cl, "load/", true).await);
+        let kvs = retry_transient(RETRY_DEADLINE, "prefix read", || async {
+            range(&mut c.client(i).await?, "load/", true).await
+        })
+        .await;
+        let kvs = ok(&c, "prefix read", kvs);
         let mut bad = Vec::new();
         for (k, v, rev) in &acked {
             match kvs.get(k) {
@@ -776,26 +782,27 @@ async fn follower_catches_up_through_snapshot() {
     }
 
     // And its data is complete and identical to the leader's.
-    let mut fc = ok(&c, "client", c.client(follower).await);
-    let count = ok(
-        &c,
-        "count",
-        fc.get(
-            "snap/",
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_count_only()
-                    .with_serializable(),
-            ),
-        )
-        .await
-        .map_err(Into::into),
-    )
-    .count();
+    let count = retry_transient(RETRY_DEADLINE, "count", || async {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_count_only()
+            .with_serializable();
+        Ok(c.client(follower).await?.get("snap/", Some(opts)).await?)
+    })
+    .await;
+    let count = ok(&c, "count", count).count();
     assert_eq!(count, KEYS as i64, "keys on the caught-up follower");
-    let on_follower = ok(&c, "follower range", range(&mut fc, "snap/", true).await);
-    let on_leader = ok(&c, "leader range", range(&mut lc, "snap/", false).await);
+    let on_follower = retry_transient(RETRY_DEADLINE, "follower range", || async {
+        range(&mut c.client(follower).await?, "snap/", true).await
+    })
+    .await;
+    let on_follower = ok(&c, "follower range", on_follower);
+    let on_leader = retry_transient(RETRY_DEADLINE, "leader range", || {
+        let mut lc = lc.clone();
+        async move { range(&mut lc, "snap/", false).await }
+    })
+    .await;
+    let on_leader = ok(&c, "leader range", on_leader);
     assert_eq!(on_leader.len(), KEYS);
     for i in 0..KEYS {
         let k = format!("snap/{i:04}");

@@ -5,11 +5,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_integration::{Concord, wait_until};
-use etcd_client::{GetOptions, Txn, TxnOp};
+use concord_integration::{Concord, RETRY_DEADLINE, retry_transient, wait_until};
+use etcd_client::{Client, GetOptions, GetResponse, Txn, TxnOp};
 
 /// An acknowledged write: key, value, revision.
 type Acked = (String, String, i64);
+
+/// A read of `key`, retried while the restarted server settles.
+async fn get_settled(c: &Client, key: &str, opts: Option<GetOptions>) -> GetResponse {
+    retry_transient(RETRY_DEADLINE, &format!("reading {key}"), || {
+        let (mut c, opts) = (c.clone(), opts.clone());
+        async move { Ok(c.get(key, opts).await?) }
+    })
+    .await
+    .unwrap()
+}
 
 #[tokio::test]
 async fn acknowledged_writes_survive_kill_9() {
@@ -64,7 +74,7 @@ async fn acknowledged_writes_survive_kill_9() {
         all_acked.extend(acked.lock().unwrap().drain(..));
         server.restart().await.unwrap();
 
-        let mut c = server.client().await.unwrap();
+        let c = server.client().await.unwrap();
         let mut revs: Vec<i64> = all_acked.iter().map(|a| a.2).collect();
         revs.sort();
         revs.dedup();
@@ -74,7 +84,7 @@ async fn acknowledged_writes_survive_kill_9() {
             "no revision was acknowledged twice"
         );
         for (key, value, rev) in &all_acked {
-            let r = c.get(key.as_str(), None).await.unwrap();
+            let r = get_settled(&c, key, None).await;
             let kv = r
                 .kvs()
                 .first()
@@ -85,10 +95,12 @@ async fn acknowledged_writes_survive_kill_9() {
                 "{key}"
             );
         }
-        let current = c
-            .get("r", Some(GetOptions::new().with_prefix().with_count_only()))
-            .await
-            .unwrap();
+        let current = get_settled(
+            &c,
+            "r",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await;
         assert!(current.header().unwrap().revision() >= *revs.last().unwrap());
         eprintln!(
             "round {round}: {} acknowledged writes all present after kill -9",

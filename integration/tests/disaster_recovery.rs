@@ -8,17 +8,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::{connect, etcdctl, wait_until};
+use concord_integration::{RETRY_DEADLINE, connect, etcdctl, retry_transient, wait_until};
 use etcd_client::GetOptions;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Every `dr/` key and value (the read retried while the member settles).
 async fn all_writes(endpoint: &str) -> BTreeMap<String, String> {
-    let mut c = connect(endpoint).await.unwrap();
-    c.get("dr/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap()
-        .kvs()
+    let r = retry_transient(RETRY_DEADLINE, "reading every write", || async {
+        let opts = GetOptions::new().with_prefix();
+        Ok(connect(endpoint).await?.get("dr/", Some(opts)).await?)
+    })
+    .await
+    .unwrap();
+    r.kvs()
         .iter()
         .map(|kv| {
             (
@@ -27,6 +30,17 @@ async fn all_writes(endpoint: &str) -> BTreeMap<String, String> {
             )
         })
         .collect()
+}
+
+/// Puts `key` = `yes` through `endpoint` (retried while the member settles: the same
+/// value again is harmless).
+async fn put_settled(endpoint: &str, key: &str) {
+    retry_transient(RETRY_DEADLINE, &format!("put {key}"), || async {
+        connect(endpoint).await?.put(key, "yes", None).await?;
+        Ok(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -93,18 +107,28 @@ async fn a_survivor_restarted_with_force_new_cluster_keeps_every_acknowledged_wr
         acked,
         "acknowledged writes after recovery"
     );
-    let mut cl = connect(&first).await.unwrap();
-    cl.put("dr/after", "yes", None).await.unwrap();
-    let ttl = cl.lease_time_to_live(lease, None).await.unwrap();
+    put_settled(&first, "dr/after").await;
+    let ttl = retry_transient(RETRY_DEADLINE, "lease time-to-live", || async {
+        Ok(connect(&first)
+            .await?
+            .lease_time_to_live(lease, None)
+            .await?)
+    })
+    .await
+    .unwrap();
     assert_eq!(ttl.granted_ttl(), 600, "leases survive the recovery");
 
     // Permanent: a plain restart (without the flag) is still a one-member cluster.
     c.kill9(0);
     c.args_mut(0).pop();
     c.restart(0).await.unwrap();
-    let mut cl = connect(&first).await.unwrap();
-    assert_eq!(cl.member_list().await.unwrap().members().len(), 1);
-    cl.put("dr/again", "yes", None).await.unwrap();
+    let members = retry_transient(RETRY_DEADLINE, "member list", || async {
+        Ok(connect(&first).await?.member_list().await?)
+    })
+    .await
+    .unwrap();
+    assert_eq!(members.members().len(), 1);
+    put_settled(&first, "dr/again").await;
     // The write that timed out without a quorum was never committed: dropped, as etcd
     // drops uncommitted entries on --force-new-cluster, and it stays dropped.
     let mut want = acked.clone();

@@ -55,7 +55,7 @@ use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
 use concord_integration::linearizability::{self, Event, Op, Outcome, Recorder};
 use concord_integration::watchcheck::{self, KeyRange, WatcherHistory};
 use concord_integration::watchrec::{WATCH_CATCH_UP, watcher_loop};
-use concord_integration::{Rng, etcd_bin, wait_until};
+use concord_integration::{RETRY_DEADLINE, Rng, etcd_bin, retry_transient, wait_until};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
 };
@@ -384,26 +384,16 @@ async fn check_watches(
     finish: tokio::sync::watch::Sender<Option<i64>>,
 ) -> Result<WatchOutcome> {
     let endpoint = cluster.endpoint(0);
-    let mut attempt = 0;
-    let (mut client, marker) = loop {
-        attempt += 1;
-        let r = async {
-            let mut c = connect(&endpoint).await?;
-            let rev = c
-                .put(MARKER_KEY, "end", None)
-                .await?
-                .header()
-                .context("put without header")?
-                .revision();
-            anyhow::Ok((c, rev))
-        }
-        .await;
-        match r {
-            Ok(done) => break done,
-            Err(e) if attempt >= 20 => return Err(e.context("writing the end marker")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    };
+    let marker = retry_transient(RETRY_DEADLINE, "writing the end marker", || async {
+        Ok(connect(&endpoint)
+            .await?
+            .put(MARKER_KEY, "end", None)
+            .await?
+            .header()
+            .context("put without header")?
+            .revision())
+    })
+    .await?;
     finish.send_replace(Some(marker));
     let mut out = WatchOutcome {
         report: watchcheck::Report::default(),
@@ -429,17 +419,15 @@ async fn check_watches(
         out.histories.push(hist);
     }
     let range = KeyRange::prefix(PREFIX);
-    let reference =
+    let reference = retry_transient(RETRY_DEADLINE, "reading the reference log", || {
         watchcheck::fetch_reference(&endpoint, &range, 1, marker, Duration::from_secs(30))
-            .await
-            .context("reading the reference log")?;
-    let read = client
-        .get(
-            PREFIX,
-            Some(GetOptions::new().with_prefix().with_revision(marker)),
-        )
-        .await
-        .context("reading the final state")?;
+    })
+    .await?;
+    let read = retry_transient(RETRY_DEADLINE, "reading the final state", || async {
+        let opts = GetOptions::new().with_prefix().with_revision(marker);
+        Ok(connect(&endpoint).await?.get(PREFIX, Some(opts)).await?)
+    })
+    .await?;
     let kvs: Vec<watchcheck::WatchEvent> = read
         .kvs()
         .iter()

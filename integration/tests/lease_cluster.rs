@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::connect;
+use concord_integration::{RETRY_DEADLINE, connect, retry_transient};
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -146,7 +146,14 @@ async fn a_kept_alive_lease_survives_a_leader_kill_then_expires_within_ttl_plus_
         !deleted.is_finished(),
         "the key was deleted while kept alive"
     );
-    assert_eq!(cl.get("held", None).await.unwrap().kvs().len(), 1);
+    // Retried: the election after the kill may still be settling.
+    let held = retry_transient(RETRY_DEADLINE, "reading the leased key", || {
+        let mut cl = cl.clone();
+        async move { Ok(cl.get("held", None).await?) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(held.kvs().len(), 1);
 
     // No more keep-alives: gone within TTL + 1 s of the last one.
     let stopped = last_renewal;

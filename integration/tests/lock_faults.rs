@@ -17,8 +17,9 @@
 
 use std::time::{Duration, Instant};
 
-use concord_integration::Rng;
+use anyhow::Context;
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
+use concord_integration::{RETRY_DEADLINE, Rng, retry_transient};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, LockOptions, SortOrder, SortTarget,
     Txn, TxnOp, WatchOptions,
@@ -189,14 +190,20 @@ async fn lock_holders_never_overlap_and_no_increment_is_lost_under_faults() {
         all.acked.len()
     );
 
-    let mut c = client(&endpoints).await.expect("a client after the run");
-    let final_value: u64 = c
-        .get(COUNTER, None)
-        .await
-        .unwrap()
-        .kvs()
-        .first()
-        .map_or(0, |kv| kv.value_str().unwrap().parse().unwrap());
+    // The checks: each read retried while the cluster settles (a member just resumed
+    // or restarted may still say "no leader" or "leader changed").
+    let c = client(&endpoints).await.expect("a client after the run");
+    let final_value: u64 = retry_transient(RETRY_DEADLINE, "reading the counter", || {
+        let mut c = c.clone();
+        async move {
+            let r = c.get(COUNTER, None).await?;
+            Ok(r.kvs()
+                .first()
+                .map_or(0, |kv| kv.value_str().unwrap().parse().unwrap()))
+        }
+    })
+    .await
+    .unwrap();
     let acked = all.acked.len() as u64;
     assert!(
         acked <= final_value && final_value <= acked + all.unknown,
@@ -204,26 +211,33 @@ async fn lock_holders_never_overlap_and_no_increment_is_lost_under_faults() {
         all.unknown
     );
 
-    // The counter's whole history: 1, 2, 3, ... one value per revision.
-    let mut history = Vec::new();
-    let mut w = c
-        .watch(COUNTER, Some(WatchOptions::new().with_start_revision(1)))
-        .await
-        .unwrap();
-    while (history.len() as u64) < final_value {
-        let r = tokio::time::timeout(Duration::from_secs(10), w.message())
-            .await
-            .expect("the counter's history arrives")
-            .unwrap()
-            .unwrap();
-        for e in r.events() {
-            let kv = e.kv().unwrap();
-            history.push((
-                kv.mod_revision(),
-                kv.value_str().unwrap().parse::<u64>().unwrap(),
-            ));
+    // The counter's whole history: 1, 2, 3, ... one value per revision (read again from
+    // revision 1 if the watch breaks).
+    let history = retry_transient(RETRY_DEADLINE, "watching the counter's history", || {
+        let mut c = c.clone();
+        async move {
+            let mut history = Vec::new();
+            let mut w = c
+                .watch(COUNTER, Some(WatchOptions::new().with_start_revision(1)))
+                .await?;
+            while (history.len() as u64) < final_value {
+                let r = tokio::time::timeout(Duration::from_secs(10), w.message())
+                    .await
+                    .context("the counter's history does not arrive")??
+                    .context("the watch ended")?;
+                for e in r.events() {
+                    let kv = e.kv().unwrap();
+                    history.push((
+                        kv.mod_revision(),
+                        kv.value_str().unwrap().parse::<u64>().unwrap(),
+                    ));
+                }
+            }
+            Ok(history)
         }
-    }
+    })
+    .await
+    .unwrap();
     for (i, (_, v)) in history.iter().enumerate() {
         assert_eq!(*v, i as u64 + 1, "counter history {history:?}");
     }
@@ -233,19 +247,19 @@ async fn lock_holders_never_overlap_and_no_increment_is_lost_under_faults() {
             "acknowledged increment to {value} at revision {rev} is not in the history"
         );
         // Who owned the lock at that revision?
-        let owner = c
-            .get(
-                format!("{LOCK}/"),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_revision(*rev)
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(1),
-                ),
-            )
-            .await
-            .unwrap();
+        let owner = retry_transient(RETRY_DEADLINE, "reading the lock's owner", || {
+            let mut c = c.clone();
+            async move {
+                let opts = GetOptions::new()
+                    .with_prefix()
+                    .with_revision(*rev)
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(1);
+                Ok(c.get(format!("{LOCK}/"), Some(opts)).await?)
+            }
+        })
+        .await
+        .unwrap();
         let owner = owner.kvs().first().map(|kv| kv.key().to_vec());
         assert_eq!(
             owner.as_deref(),

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::{connect, etcdctl};
-use etcd_client::GetOptions;
+use concord_integration::{RETRY_DEADLINE, connect, etcdctl, retry_transient};
+use etcd_client::{GetOptions, GetResponse};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -67,6 +67,16 @@ fn writer(endpoint: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(V
         }
         (acked, unknown)
     })
+}
+
+/// A read of `key` through `endpoint`, retried while the cluster settles.
+async fn read_settled(endpoint: &str, key: &str, opts: Option<GetOptions>) -> GetResponse {
+    retry_transient(RETRY_DEADLINE, &format!("reading {key}"), || {
+        let opts = opts.clone();
+        async move { Ok(connect(endpoint).await?.get(key, opts).await?) }
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -204,11 +214,7 @@ async fn grow_to_three_with_a_promoted_learner_and_shrink_back_without_losing_wr
 
     stop.store(true, Ordering::SeqCst);
     let (acked, unknown) = w.await.unwrap();
-    let mut cl = connect(&first).await.unwrap();
-    let all = cl
-        .get("w/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    let all = read_settled(&first, "w/", Some(GetOptions::new().with_prefix())).await;
     let present: std::collections::HashSet<String> = all
         .kvs()
         .iter()
@@ -220,7 +226,7 @@ async fn grow_to_three_with_a_promoted_learner_and_shrink_back_without_losing_wr
         .collect();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert_eq!(
-        cl.get("via-n2", None).await.unwrap().kvs().len(),
+        read_settled(&first, "via-n2", None).await.kvs().len(),
         1,
         "the write through n2 survived its removal"
     );

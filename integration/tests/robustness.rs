@@ -34,7 +34,9 @@ use concord_integration::history::{self, Record};
 use concord_integration::traffic::{self, PREFIX};
 use concord_integration::watchcheck::{self, KeyRange, ReferenceLog, WatcherHistory};
 use concord_integration::watchrec::watcher_loop;
-use concord_integration::{Rng, concord_failpoints_bin, wait_until};
+use concord_integration::{
+    RETRY_DEADLINE, Rng, concord_failpoints_bin, retry_transient, wait_until,
+};
 
 const CLIENTS: usize = 6;
 
@@ -367,18 +369,36 @@ async fn scenario(
     println!("robustness: fault: {desc}");
     cluster.clear_network_faults();
     wait_recovered(cluster).await?;
-
-    // A final write every watcher must reach.
+    // Leases expiring later would write after the final write.
     let live = (0..cluster.members.len())
         .find(|&i| !cluster.members[i].retired && cluster.members[i].pid().is_some())
         .context("no live member")?;
-    let marker = cluster
-        .client(live)
-        .await?
-        .put(traffic::key(0), "end", None)
-        .await?
-        .header()
-        .map_or(0, |h| h.revision());
+    traffic::wait_leases_gone(&cluster.endpoint(live), Duration::from_secs(60)).await?;
+
+    // A final write every watcher must reach.
+    // Retried while the cluster settles, each attempt with its own value: the failed
+    // ones go into the history with an unknown outcome (they may have been applied).
+    let endpoint = cluster.endpoint(live);
+    let tried = std::sync::Mutex::new(Vec::<String>::new());
+    let marker = retry_transient(RETRY_DEADLINE, "the final write", || {
+        let endpoint = endpoint.clone();
+        let value = {
+            let mut tried = tried.lock().unwrap_or_else(|e| e.into_inner());
+            let value = format!("end-{}", tried.len() + 1);
+            tried.push(value.clone());
+            value
+        };
+        async move {
+            let r = concord_integration::connect(&endpoint)
+                .await?
+                .put(traffic::key(0), value, None)
+                .await?;
+            Ok(r.header().map_or(0, |h| h.revision()))
+        }
+    })
+    .await?;
+    let mut tried = tried.into_inner().unwrap_or_else(|e| e.into_inner());
+    let end_value = tried.pop().context("no final write attempted")?;
     finish_tx.send(Some(marker))?;
     let (reference, ref_missing) = reference_w.await?;
     let (key0, key_missing) = key_w.await?;
@@ -390,17 +410,24 @@ async fn scenario(
         out.violations
             .push(format!("a watcher did not reach revision {t}"));
     }
-    history.push(Record {
+    let end_write = |value: String, reply| Record {
         client: usize::MAX,
         request: history::Request::Put {
             key: traffic::key(0),
-            value: "end".into(),
+            value,
             lease: 0,
         },
-        reply: history::Reply::Put { revision: marker },
+        reply,
         invoke: u64::MAX - 1,
         complete: u64::MAX - 1,
-    });
+    };
+    for value in tried {
+        history.push(end_write(value, history::Reply::Unknown));
+    }
+    history.push(end_write(
+        end_value,
+        history::Reply::Put { revision: marker },
+    ));
 
     // The reference log: the reference watcher's events, deduplicated by revision
     // (a duplicate is reported by the watch check below).
