@@ -144,11 +144,11 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let r = snapshot::restore(&o)?;
                 println!(
-                    "Restored snapshot {} (revision {}, {} records, {} leases) into {}",
+                    "Restored snapshot {} (revision {}, {} records, {} server records) into {}",
                     o.snapshot.display(),
                     r.revision,
                     r.records,
-                    r.leases,
+                    r.aux,
                     o.data_dir.display()
                 );
                 println!(

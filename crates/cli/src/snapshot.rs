@@ -25,8 +25,9 @@ pub fn has_checksum(len: u64) -> bool {
 }
 
 /// What `snapshot status` reports, with etcdctl's meanings: a hash of the contents,
-/// the store revision, the number of stored records (revisions of keys, leases,
-/// alarms: etcd counts every bolt key the same way), and the image's size.
+/// the store revision, the number of stored records (revisions of keys and every
+/// record of the server's tables, leases, alarms, members...: etcd counts every bolt
+/// key the same way), and the image's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
     pub hash: u32,
@@ -156,7 +157,7 @@ pub fn status(path: &Path) -> Result<Status> {
     Ok(Status {
         hash: info.hash,
         revision: info.revision,
-        total_keys: info.records + info.leases + info.alarms,
+        total_keys: info.records + info.aux,
         total_size: body,
     })
 }
@@ -178,7 +179,8 @@ pub struct RestoreOptions {
 pub struct Restored {
     pub revision: i64,
     pub records: u64,
-    pub leases: u64,
+    /// Records of the server's own tables (leases, alarms, members, ...).
+    pub aux: u64,
 }
 
 fn split_list(s: &str) -> Vec<String> {
@@ -266,7 +268,7 @@ pub fn restore(o: &RestoreOptions) -> Result<Restored> {
     Ok(Restored {
         revision: info.revision,
         records: info.records,
-        leases: info.leases,
+        aux: info.aux,
     })
 }
 

@@ -3,16 +3,18 @@
 //! [`Store::hash_kv`] is etcd's `HashKV`: a CRC-32C over the revision records a reader
 //! at some revision may still ask for, so two stores that applied the same commands
 //! agree on it at the same revision, however far each has got removing compacted
-//! records. [`Store::hash`] covers every replicated record as stored. [`Store::defragment`]
+//! records. [`Store::hash`] covers every replicated record as stored (revision records
+//! and the aux keyspace). [`Store::defragment`]
 //! rewrites the files (a full RocksDB compaction) while reads and writes go on.
 
 use std::collections::HashSet;
 
 use rocksdb::{BottommostLevelCompaction, CompactOptions, IteratorMode, ReadOptions};
 
+use crate::auxiliary::CF_AUX;
 use crate::codec::{decode_record, decode_rev_key, rev_key};
 use crate::error::{Error, Result};
-use crate::store::{CF_ALARM, CF_KV, CF_LEASE, Store};
+use crate::store::{CF_KV, Store};
 use crate::types::Revision;
 
 /// Records looked up in the key index per hold of its lock.
@@ -110,9 +112,11 @@ impl Store {
         })
     }
 
-    /// etcd's `Hash`: a CRC-32C over every replicated record as stored (revision
-    /// records, leases, alarms), and the revision it was taken at. Unlike
-    /// [`Store::hash_kv`] it depends on how far compaction has removed old records.
+    /// etcd's `Hash`: a CRC-32C over every replicated record as stored, and the
+    /// revision it was taken at: the name `kv`, each revision record's key and value
+    /// in revision order, the name `aux`, each aux record's stored key (`<table>/<key>`)
+    /// and value in key order. Unlike [`Store::hash_kv`] it depends on how far
+    /// compaction has removed old records.
     pub fn hash(&self) -> Result<(u32, i64)> {
         let shared = &*self.shared;
         let (snap, current) = {
@@ -120,11 +124,7 @@ impl Store {
             (shared.db.snapshot(), st.current)
         };
         let mut hash = 0u32;
-        for (name, cf) in [
-            (CF_KV, shared.kv()),
-            (CF_LEASE, shared.lease_cf()),
-            (CF_ALARM, shared.alarm_cf()),
-        ] {
+        for (name, cf) in [(CF_KV, shared.kv()), (CF_AUX, shared.aux_cf())] {
             hash = crc32c::crc32c_append(hash, name.as_bytes());
             let mut ro = ReadOptions::default();
             ro.set_snapshot(&snap);
@@ -283,44 +283,73 @@ mod tests {
     }
 
     #[test]
-    fn store_hash_covers_records_leases_and_alarms() {
+    fn store_hash_covers_records_and_aux_tables() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (open(&dir.path().join("a")), open(&dir.path().join("b")));
         history(&a);
         history(&b);
         assert_eq!(a.hash().unwrap(), b.hash().unwrap());
         let mut w = a.writer().unwrap();
-        w.put_alarm(b"m1/nospace", b"");
+        w.put_aux("alarm", b"m1/nospace", b"");
         w.commit(None).unwrap();
         let (h, rev) = a.hash().unwrap();
         assert_eq!(rev, b.current_revision());
         assert_ne!(h, b.hash().unwrap().0);
+        // The table is part of what is hashed, not only the key and value.
+        let mut w = b.writer().unwrap();
+        w.put_aux("alarms", b"m1/nospace", b"");
+        w.commit(None).unwrap();
+        assert_ne!(h, b.hash().unwrap().0);
+        let mut w = b.writer().unwrap();
+        w.delete_aux("alarms", b"m1/nospace");
+        w.put_aux("alarm", b"m1/nospace", b"");
+        w.commit(None).unwrap();
+        assert_eq!(a.hash().unwrap(), b.hash().unwrap());
     }
 
     #[test]
-    fn alarms_persist_and_travel_in_images() {
+    fn aux_tables_persist_and_travel_in_images() {
         let dir = tempfile::tempdir().unwrap();
         let a = open(&dir.path().join("a"));
         put(&a, "k", b"v");
         let mut w = a.writer().unwrap();
-        w.put_alarm(b"one", b"1");
-        w.put_alarm(b"two", b"2");
-        w.put_lease(7, b"lease");
+        w.put_aux("alarm", b"one", b"1");
+        w.put_aux("alarm", b"two", b"2");
+        w.put_aux("lease", &7i64.to_be_bytes(), b"lease");
+        // A key with the separator in it, and a table whose name extends another's.
+        w.put_aux("alarm0", b"x/y", b"3");
         w.commit(None).unwrap();
         let mut w = a.writer().unwrap();
-        w.delete_alarm(b"one");
+        w.delete_aux("alarm", b"one");
+        // In one batch, the later call wins.
+        w.put_aux("alarm", b"three", b"3");
+        w.delete_aux("alarm", b"three");
         w.commit(None).unwrap();
-        assert_eq!(a.alarms().unwrap(), vec![(b"two".to_vec(), b"2".to_vec())]);
+        let two = vec![(b"two".to_vec(), b"2".to_vec())];
+        assert_eq!(a.aux_scan("alarm").unwrap(), two);
         drop(a);
         let a = open(&dir.path().join("a"));
-        assert_eq!(a.alarms().unwrap(), vec![(b"two".to_vec(), b"2".to_vec())]);
+        assert_eq!(a.aux_scan("alarm").unwrap(), two);
+        assert_eq!(a.aux("alarm", b"two").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(a.aux("alarm", b"one").unwrap(), None);
+        assert_eq!(
+            a.aux_scan("alarm0").unwrap(),
+            vec![(b"x/y".to_vec(), b"3".to_vec())]
+        );
+        assert_eq!(a.aux_scan("none").unwrap(), Vec::new());
 
         let mut image = Vec::new();
         a.export().unwrap().read_to_end(&mut image).unwrap();
         let info = crate::inspect_image(&mut &image[..]).unwrap();
         assert_eq!(
-            (info.revision, info.records, info.leases, info.alarms),
-            (2, 1, 1, 1)
+            (info.format, info.revision, info.records, info.aux),
+            (4, 2, 1, 3)
+        );
+        assert_eq!(
+            info.tables,
+            [("alarm", 1), ("alarm0", 1), ("lease", 1)]
+                .map(|(t, n)| (t.to_string(), n))
+                .into()
         );
         assert_eq!(info.size, image.len() as u64);
         // Padding after the end frame is not part of the image.
@@ -333,11 +362,13 @@ mod tests {
 
         let b = open(&dir.path().join("b"));
         let mut w = b.writer().unwrap();
-        w.put_alarm(b"stale", b"");
+        w.put_aux("alarm", b"stale", b"");
+        w.put_aux("gone", b"stale", b"");
         w.commit(None).unwrap();
         b.import(&mut &padded[..], 0).unwrap();
-        assert_eq!(b.alarms().unwrap(), a.alarms().unwrap());
-        assert_eq!(b.leases().unwrap(), a.leases().unwrap());
+        for t in ["alarm", "alarm0", "lease", "gone"] {
+            assert_eq!(b.aux_scan(t).unwrap(), a.aux_scan(t).unwrap(), "{t}");
+        }
         assert_eq!(b.hash_kv(0).unwrap(), a.hash_kv(0).unwrap());
         assert_eq!(b.hash().unwrap(), a.hash().unwrap());
     }

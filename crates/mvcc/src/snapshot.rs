@@ -3,16 +3,37 @@
 //! store's contents with such an image.
 //!
 //! The image is a logical dump of the `kv` column family (every revision record, as
-//! stored), the lease records, the alarm records, the replicated state values, and the
+//! stored), the aux keyspace (every record of the caller's tables, as stored), and the
 //! compaction marks, read through a RocksDB snapshot so writes that continue after the
-//! export started are not in it. Caller metadata (`user/` keys such
-//! as the member's own identity) is neither exported nor replaced: it belongs to the
-//! member, not to the replicated state. Integrity of the bytes in transit or on disk is
-//! the snapshot file's job (it carries a checksum); this format only checks its own
-//! framing. Bytes after the end frame are ignored, so a carrier may pad an image (the
-//! `Snapshot` RPC pads it to 512-byte blocks, as etcdctl expects). [`inspect_image`]
-//! summarises an image without a store (for offline tools).
+//! export started are not in it. Caller metadata (`user/` keys such as the member's own
+//! identity) is neither exported nor replaced: it belongs to the member, not to the
+//! replicated state. Integrity of the bytes in transit or on disk is the snapshot
+//! file's job (it carries a checksum); this format only checks its own framing. Bytes
+//! after the end frame are ignored, so a carrier may pad an image (the `Snapshot` RPC
+//! pads it to 512-byte blocks, as etcdctl expects). [`inspect_image`] summarises an
+//! image without a store (for offline tools).
+//!
+//! ## Format v4
+//!
+//! The magic `concord-mvcc-v4\n` (16 bytes); the current, compacted and
+//! compaction-finished revisions (`i64`, big-endian); then frames of `tag: u8`,
+//! `key length: u32`, `key`, `value length: u32`, `value` (lengths big-endian):
+//! tag 1 is a revision record of `kv`, tag 5 an aux record (key `<table>/<key>`), both
+//! exactly as stored; then tag 0 and the number of frames before it (`u64`, big-endian).
+//! A new aux table changes nothing here.
+//!
+//! ## Older images
+//!
+//! Still imported, with the same header and framing: v1 has only tag 1; v2 adds tag 2,
+//! a lease record (key: the lease id, big-endian), and tag 3, a replicated state value
+//! (key: its name); v3 has tag 2 lease, tag 3 alarm record, tag 4 state value. Lease,
+//! alarm and state frames become records of the aux tables [`LEGACY_TABLES`] (`lease`,
+//! `alarm`, `state`) with the frame's key and value, as the column families of those
+//! names become on open. (v2's tag 3 is a state value: v2 images never held alarms.)
+//!
+//! [`LEGACY_TABLES`]: crate::LEGACY_TABLES
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError};
@@ -20,22 +41,27 @@ use std::thread;
 
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
+use crate::auxiliary::{
+    AUX_END, LEGACY_ALARM, LEGACY_LEASE, LEGACY_STATE, aux_key, check_aux_key, split_aux_key,
+};
 use crate::error::{Error, Result};
 use crate::store::{
     META_COMPACT_FINISHED, META_COMPACT_SCHEDULED, META_CONSISTENT_INDEX, Store, load_state,
     read_i64_meta,
 };
 
-const MAGIC: &[u8; 16] = b"concord-mvcc-v3\n";
-/// Images from before alarm records existed: the same frames, without `TAG_ALARM`.
-const MAGIC_V2: &[u8; 16] = b"concord-mvcc-v2\n";
-/// Images from before lease records existed: the same frames, without `TAG_LEASE`.
-const MAGIC_V1: &[u8; 16] = b"concord-mvcc-v1\n";
-const TAG_RECORD: u8 = 1;
-const TAG_LEASE: u8 = 2;
-const TAG_ALARM: u8 = 3;
-const TAG_STATE: u8 = 4;
+const MAGIC: &[u8; 16] = b"concord-mvcc-v4\n";
+/// Every format [`Store::import`] reads, with its version.
+const MAGICS: [(&[u8; 16], u8); 4] = [
+    (MAGIC, 4),
+    (b"concord-mvcc-v3\n", 3),
+    (b"concord-mvcc-v2\n", 2),
+    (b"concord-mvcc-v1\n", 1),
+];
 const TAG_END: u8 = 0;
+const TAG_RECORD: u8 = 1;
+/// v4's aux record. (2 to 4 were the per-table frames of v2 and v3; never reused.)
+const TAG_AUX: u8 = 5;
 /// Bytes handed from the export thread to the reader at a time.
 const CHUNK: usize = 256 * 1024;
 /// Chunks the export thread may run ahead of its reader.
@@ -77,6 +103,42 @@ impl Read for Export {
             }
         }
     }
+}
+
+/// What a frame of an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    End,
+    /// A revision record of `kv`.
+    Record,
+    /// An aux record with its stored key (v4).
+    Aux,
+    /// A record of a v1 to v3 per-table frame, and the aux table it now belongs to.
+    Legacy(&'static str),
+}
+
+/// The meaning of `tag` in an image of format `version`; `None` if it has none.
+fn frame(version: u8, tag: u8) -> Option<Frame> {
+    Some(match (version, tag) {
+        (_, TAG_END) => Frame::End,
+        (_, TAG_RECORD) => Frame::Record,
+        (4, TAG_AUX) => Frame::Aux,
+        (2 | 3, 2) => Frame::Legacy(LEGACY_LEASE),
+        (2, 3) | (3, 4) => Frame::Legacy(LEGACY_STATE),
+        (3, 3) => Frame::Legacy(LEGACY_ALARM),
+        _ => return None,
+    })
+}
+
+/// Reads the magic, answering the format version.
+fn read_magic(r: &mut impl Read) -> Result<u8> {
+    let mut magic = [0u8; 16];
+    read_exact(r, &mut magic)?;
+    MAGICS
+        .iter()
+        .find(|(m, _)| **m == magic)
+        .map(|&(_, v)| v)
+        .ok_or_else(|| Error::Corrupt("store image: not a concord store image".into()))
 }
 
 fn put_frame(out: &mut Vec<u8>, tag: u8, k: &[u8], v: &[u8]) {
@@ -124,29 +186,17 @@ impl Store {
                 let mut ro = ReadOptions::default();
                 ro.set_snapshot(&snap);
                 let mut count: u64 = 0;
-                let mut lease_ro = ReadOptions::default();
-                lease_ro.set_snapshot(&snap);
-                let mut state_ro = ReadOptions::default();
-                state_ro.set_snapshot(&snap);
-                let mut alarm_ro = ReadOptions::default();
-                alarm_ro.set_snapshot(&snap);
+                let mut aux_ro = ReadOptions::default();
+                aux_ro.set_snapshot(&snap);
                 let records = shared
                     .db
                     .iterator_cf_opt(shared.kv(), ro, IteratorMode::Start)
                     .map(|r| (TAG_RECORD, r));
-                let leases = shared
+                let aux = shared
                     .db
-                    .iterator_cf_opt(shared.lease_cf(), lease_ro, IteratorMode::Start)
-                    .map(|r| (TAG_LEASE, r));
-                let state = shared
-                    .db
-                    .iterator_cf_opt(shared.state_cf(), state_ro, IteratorMode::Start)
-                    .map(|r| (TAG_STATE, r));
-                let alarms = shared
-                    .db
-                    .iterator_cf_opt(shared.alarm_cf(), alarm_ro, IteratorMode::Start)
-                    .map(|r| (TAG_ALARM, r));
-                for (tag, item) in records.chain(leases).chain(alarms).chain(state) {
+                    .iterator_cf_opt(shared.aux_cf(), aux_ro, IteratorMode::Start)
+                    .map(|r| (TAG_AUX, r));
+                for (tag, item) in records.chain(aux) {
                     match item {
                         Ok((k, v)) => put_frame(&mut chunk, tag, &k, &v),
                         Err(e) => {
@@ -203,11 +253,7 @@ impl Store {
         let shared = &*self.shared;
         let corrupt = |what: &str| Error::Corrupt(format!("store image: {what}"));
         let mut r = io::BufReader::with_capacity(1 << 20, image);
-        let mut magic = [0u8; 16];
-        read_exact(&mut r, &mut magic)?;
-        if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
-            return Err(corrupt("not a concord store image"));
-        }
+        let version = read_magic(&mut r)?;
         let current = read_i64(&mut r)?;
         let compacted = read_i64(&mut r)?;
         let finished = read_i64(&mut r)?;
@@ -216,21 +262,7 @@ impl Store {
         // seen as "no state" rather than as the old state.
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(shared.kv(), Vec::<u8>::new(), vec![0xffu8; 17]);
-        batch.delete_range_cf(shared.lease_cf(), Vec::<u8>::new(), vec![0xffu8; 9]);
-        let names: Vec<Box<[u8]>> = shared
-            .db
-            .iterator_cf(shared.state_cf(), IteratorMode::Start)
-            .map(|r| r.map(|(k, _)| k))
-            .collect::<std::result::Result<_, _>>()?;
-        for k in names {
-            batch.delete_cf(shared.state_cf(), k);
-        }
-        for item in shared
-            .db
-            .iterator_cf(shared.alarm_cf(), IteratorMode::Start)
-        {
-            batch.delete_cf(shared.alarm_cf(), item?.0);
-        }
+        batch.delete_range_cf(shared.aux_cf(), &[][..], &AUX_END[..]);
         for k in [
             META_CONSISTENT_INDEX,
             META_COMPACT_SCHEDULED,
@@ -244,24 +276,24 @@ impl Store {
         loop {
             let mut tag = [0u8; 1];
             read_exact(&mut r, &mut tag)?;
-            match tag[0] {
-                tag @ (TAG_RECORD | TAG_LEASE | TAG_ALARM | TAG_STATE) => {
-                    let k = read_bytes(&mut r)?;
-                    let v = read_bytes(&mut r)?;
-                    let cf = match tag {
-                        TAG_LEASE => shared.lease_cf(),
-                        TAG_STATE => shared.state_cf(),
-                        TAG_ALARM => shared.alarm_cf(),
-                        _ => shared.kv(),
-                    };
-                    batch.put_cf(cf, k, v);
-                    count += 1;
-                    if batch.len() >= IMPORT_BATCH {
-                        shared.db.write(std::mem::take(&mut batch))?;
-                    }
+            let kind = frame(version, tag[0]).ok_or_else(|| corrupt("unknown frame"))?;
+            if kind == Frame::End {
+                break;
+            }
+            let k = read_bytes(&mut r)?;
+            let v = read_bytes(&mut r)?;
+            match kind {
+                Frame::Record => batch.put_cf(shared.kv(), k, v),
+                Frame::Aux => {
+                    check_aux_key(&k)?;
+                    batch.put_cf(shared.aux_cf(), k, v);
                 }
-                TAG_END => break,
-                _ => return Err(corrupt("unknown frame")),
+                Frame::Legacy(table) => batch.put_cf(shared.aux_cf(), aux_key(table, &k), v),
+                Frame::End => unreachable!("handled above"),
+            }
+            count += 1;
+            if batch.len() >= IMPORT_BATCH {
+                shared.db.write(std::mem::take(&mut batch))?;
             }
         }
         if read_i64(&mut r)? as u64 != count {
@@ -293,6 +325,7 @@ impl Store {
         drop(running);
         tracing::info!(
             records = count,
+            format = version,
             revision = current,
             compacted,
             consistent_index,
@@ -307,19 +340,23 @@ impl Store {
 }
 
 /// What an image holds, as [`inspect_image`] reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// The image format (4 for images [`Store::export`] writes now).
+    pub format: u8,
     /// The store's revision at the image's point in time.
     pub revision: i64,
     /// The compacted revision (0 if never compacted).
     pub compacted: i64,
     /// Revision records (every revision of every key still kept).
     pub records: u64,
-    /// Lease records.
-    pub leases: u64,
-    /// Alarm records.
-    pub alarms: u64,
-    /// CRC-32C over every record's key and value, in image order.
+    /// Aux records, of every table (in an older image: its lease, alarm and state
+    /// records, counted in the tables they are imported into).
+    pub aux: u64,
+    /// Aux records per table, by table name.
+    pub tables: BTreeMap<String, u64>,
+    /// CRC-32C over every frame's key and value as they appear in the image, in image
+    /// order.
     pub hash: u32,
     /// Bytes of the image up to and including its end frame (padding excluded).
     pub size: u64,
@@ -333,40 +370,51 @@ pub fn inspect_image(image: &mut dyn Read) -> Result<ImageInfo> {
         inner: io::BufReader::with_capacity(1 << 20, image),
         n: 0,
     };
-    let mut magic = [0u8; 16];
-    read_exact(&mut r, &mut magic)?;
-    if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
-        return Err(corrupt("not a concord store image"));
-    }
+    let format = read_magic(&mut r)?;
     let revision = read_i64(&mut r)?;
     let compacted = read_i64(&mut r)?;
     let _finished = read_i64(&mut r)?;
-    let (mut records, mut leases, mut alarms, mut states) = (0u64, 0u64, 0u64, 0u64);
+    let (mut records, mut aux) = (0u64, 0u64);
+    let mut tables: BTreeMap<String, u64> = BTreeMap::new();
     let mut hash = 0u32;
     loop {
         let mut tag = [0u8; 1];
         read_exact(&mut r, &mut tag)?;
-        match tag[0] {
-            TAG_RECORD => records += 1,
-            TAG_LEASE => leases += 1,
-            TAG_ALARM => alarms += 1,
-            TAG_STATE => states += 1,
-            TAG_END => break,
-            _ => return Err(corrupt("unknown frame")),
+        let kind = frame(format, tag[0]).ok_or_else(|| corrupt("unknown frame"))?;
+        if kind == Frame::End {
+            break;
         }
         let k = read_bytes(&mut r)?;
         let v = read_bytes(&mut r)?;
+        let table = match kind {
+            Frame::Record => None,
+            Frame::Aux => Some(
+                split_aux_key(&k)
+                    .ok_or_else(|| corrupt("aux record key without a table"))?
+                    .0,
+            ),
+            Frame::Legacy(table) => Some(table),
+            Frame::End => unreachable!("handled above"),
+        };
+        match table {
+            None => records += 1,
+            Some(t) => {
+                aux += 1;
+                *tables.entry(t.to_string()).or_default() += 1;
+            }
+        }
         hash = crc32c::crc32c_append(crc32c::crc32c_append(hash, &k), &v);
     }
-    if read_i64(&mut r)? as u64 != records + leases + alarms + states {
+    if read_i64(&mut r)? as u64 != records + aux {
         return Err(corrupt("record count does not match"));
     }
     Ok(ImageInfo {
+        format,
         revision,
         compacted,
         records,
-        leases,
-        alarms,
+        aux,
+        tables,
         hash,
         size: r.n,
     })
@@ -456,7 +504,7 @@ mod tests {
         let mut w = src.writer().unwrap();
         w.compact(10).unwrap();
         w.put_meta("identity", b"source");
-        w.put_state("members", b"abc");
+        w.put_aux("state", b"members", b"abc");
         w.commit(Some(77)).unwrap();
         let mut export = src.export().unwrap();
         // Written after the point in time: must not be in the image.
@@ -468,7 +516,7 @@ mod tests {
         put(&dst, "stale", "gone");
         let mut w = dst.writer().unwrap();
         w.put_meta("identity", b"dest");
-        w.put_state("stale-state", b"gone");
+        w.put_aux("other", b"stale", b"gone");
         w.commit(None).unwrap();
         dst.import(&mut &image[..], 500).unwrap();
 
@@ -488,10 +536,10 @@ mod tests {
             }),
             Err(Error::Compacted)
         ));
-        // The member's own metadata is not replicated state; state values are.
+        // The member's own metadata is not replicated state; aux records are.
         assert_eq!(dst.meta("identity").unwrap(), Some(b"dest".to_vec()));
-        assert_eq!(dst.state("members").unwrap(), Some(b"abc".to_vec()));
-        assert_eq!(dst.state("stale-state").unwrap(), None);
+        assert_eq!(dst.aux("state", b"members").unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(dst.aux_scan("other").unwrap(), Vec::new());
         // Writes continue from the image's revision, and survive a reopen.
         put(&dst, "after", "y");
         assert_eq!(dst.current_revision(), 52);

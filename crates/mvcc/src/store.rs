@@ -18,6 +18,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions,
 };
 
+use crate::auxiliary::{CF_AUX, LEGACY_TABLES, aux_key, migrate_legacy};
 use crate::codec::{decode_record, decode_rev_key, encode_record, rev_key};
 use crate::error::{Error, Result};
 use crate::index::{Index, KeyMeta};
@@ -25,12 +26,6 @@ use crate::types::*;
 
 pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_META: &str = "meta";
-/// Lease records, keyed by the lease id (big-endian); the values are the caller's.
-pub(crate) const CF_LEASE: &str = "lease";
-/// Replicated caller state (e.g. the member list), by name; in images, unlike `meta`.
-pub(crate) const CF_STATE: &str = "state";
-/// Alarm records (etcd's alarm list), keyed and valued by the caller's bytes.
-pub(crate) const CF_ALARM: &str = "alarm";
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"consistent_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
@@ -121,33 +116,14 @@ impl Shared {
             .expect("meta column family exists")
     }
 
-    pub(crate) fn state_cf(&self) -> &ColumnFamily {
-        self.db
-            .cf_handle(CF_STATE)
-            .expect("state column family exists")
+    /// The caller's tables (see `auxiliary.rs`).
+    pub(crate) fn aux_cf(&self) -> &ColumnFamily {
+        self.db.cf_handle(CF_AUX).expect("aux column family exists")
     }
 
     /// Every column family, in a fixed order.
-    pub(crate) fn column_families(&self) -> [&ColumnFamily; 5] {
-        [
-            self.kv(),
-            self.meta_cf(),
-            self.lease_cf(),
-            self.alarm_cf(),
-            self.state_cf(),
-        ]
-    }
-
-    pub(crate) fn lease_cf(&self) -> &ColumnFamily {
-        self.db
-            .cf_handle(CF_LEASE)
-            .expect("lease column family exists")
-    }
-
-    pub(crate) fn alarm_cf(&self) -> &ColumnFamily {
-        self.db
-            .cf_handle(CF_ALARM)
-            .expect("alarm column family exists")
+    pub(crate) fn column_families(&self) -> [&ColumnFamily; 3] {
+        [self.kv(), self.meta_cf(), self.aux_cf()]
     }
 
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -216,7 +192,9 @@ fn db_options() -> Options {
 
 impl Store {
     /// Opens (or creates) a store in `path`, rebuilding the key index from disk and
-    /// resuming a compaction that was scheduled but not finished.
+    /// resuming a compaction that was scheduled but not finished. A data directory from
+    /// before the aux keyspace has its lease, alarm and state column families moved into
+    /// the aux tables of the same names first (see [`crate::LEGACY_TABLES`]).
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let mut opts = db_options();
         // Compactions (automatic ones and defragmentation) run in RocksDB's low-priority
@@ -227,9 +205,22 @@ impl Store {
             env.lower_thread_pool_cpu_priority();
             opts.set_env(&env);
         }
-        let cfs = [CF_KV, CF_META, CF_LEASE, CF_ALARM, CF_STATE]
+        // RocksDB opens a directory only with every family it has; the legacy per-table
+        // ones are opened to be moved into `aux`. A new directory has none (`list_cf`
+        // fails on it); any other failure to list shows up as an error of the open.
+        let existing = DB::list_cf(&opts, path.as_ref()).unwrap_or_default();
+        let legacy: Vec<&str> = LEGACY_TABLES
+            .into_iter()
+            .filter(|n| existing.iter().any(|e| e.as_str() == *n))
+            .collect();
+        let cfs = [CF_KV, CF_META, CF_AUX]
+            .into_iter()
+            .chain(legacy.iter().copied())
             .map(|n| ColumnFamilyDescriptor::new(n, db_options()));
-        let db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
+        let mut db = DB::open_cf_descriptors(&opts, path.as_ref(), cfs)?;
+        if !legacy.is_empty() {
+            migrate_legacy(&mut db, &legacy)?;
+        }
         let shared = Arc::new(Shared {
             db,
             state: RwLock::new(State {
@@ -400,46 +391,6 @@ impl Store {
         Ok(HistoryPage::Events(out))
     }
 
-    /// Every lease record ([`Writer::put_lease`]) in id order: `(id, value)`.
-    pub fn leases(&self) -> Result<Vec<(i64, Vec<u8>)>> {
-        let shared = &*self.shared;
-        let mut out = Vec::new();
-        for item in shared
-            .db
-            .iterator_cf(shared.lease_cf(), IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let id: [u8; 8] = k
-                .as_ref()
-                .try_into()
-                .map_err(|_| Error::Corrupt("lease record key".into()))?;
-            out.push((i64::from_be_bytes(id), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// A replicated state value ([`Writer::put_state`]).
-    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .shared
-            .db
-            .get_cf(self.shared.state_cf(), name.as_bytes())?)
-    }
-
-    /// Every alarm record ([`Writer::put_alarm`]) in key order: `(key, value)`.
-    pub fn alarms(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let shared = &*self.shared;
-        let mut out = Vec::new();
-        for item in shared
-            .db
-            .iterator_cf(shared.alarm_cf(), IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
     /// The live keys attached to `lease`, sorted.
     pub fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
         self.shared.read_state().attached.keys(lease)
@@ -466,9 +417,7 @@ impl Store {
             overlay: BTreeMap::new(),
             changes: Vec::new(),
             meta: Vec::new(),
-            lease_ops: Vec::new(),
-            state: Vec::new(),
-            alarm_ops: Vec::new(),
+            aux_ops: Vec::new(),
             base,
             rev: base,
             compacted,
@@ -903,12 +852,9 @@ pub struct Writer<'a> {
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     changes: Vec<Change>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Lease records to write (`Some`) or remove (`None`) with the batch.
-    lease_ops: Vec<(i64, Option<Vec<u8>>)>,
-    /// Replicated state values to write with the batch.
-    state: Vec<(String, Vec<u8>)>,
-    /// Alarm records to write (`Some`) or remove (`None`) with the batch.
-    alarm_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Aux records (stored keys) to write (`Some`) or remove (`None`) with the batch,
+    /// in call order.
+    aux_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Committed revision the batch builds on.
     base: i64,
     /// Newest revision assigned in this batch.
@@ -1215,30 +1161,26 @@ impl Writer<'_> {
         ));
     }
 
-    /// Stores a replicated state value with the batch: unlike [`Writer::put_meta`] it
-    /// is part of the replicated state, carried by images (read it with [`Store::state`]).
-    pub fn put_state(&mut self, name: &str, value: &[u8]) {
-        self.state.push((name.to_string(), value.to_vec()));
+    /// Stores `value` under `key` in the caller's aux table `table` with the batch:
+    /// replicated state, carried by images and covered by [`Store::hash`] (read it with
+    /// [`Store::aux`] or [`Store::aux_scan`]). Table names are the caller's; the store
+    /// only keeps them apart. The batch's own aux writes are not visible to its reads.
+    ///
+    /// # Panics
+    ///
+    /// If `table` is empty or contains `/`.
+    pub fn put_aux(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        self.aux_ops
+            .push((aux_key(table, key), Some(value.to_vec())));
     }
 
-    /// Stores a lease record with the batch (read them back with [`Store::leases`]).
-    pub fn put_lease(&mut self, id: i64, value: &[u8]) {
-        self.lease_ops.push((id, Some(value.to_vec())));
-    }
-
-    /// Removes a lease record with the batch.
-    pub fn delete_lease(&mut self, id: i64) {
-        self.lease_ops.push((id, None));
-    }
-
-    /// Stores an alarm record with the batch (read them back with [`Store::alarms`]).
-    pub fn put_alarm(&mut self, key: &[u8], value: &[u8]) {
-        self.alarm_ops.push((key.to_vec(), Some(value.to_vec())));
-    }
-
-    /// Removes an alarm record with the batch.
-    pub fn delete_alarm(&mut self, key: &[u8]) {
-        self.alarm_ops.push((key.to_vec(), None));
+    /// Removes `key` from aux table `table` with the batch (nothing if absent).
+    ///
+    /// # Panics
+    ///
+    /// If `table` is empty or contains `/`.
+    pub fn delete_aux(&mut self, table: &str, key: &[u8]) {
+        self.aux_ops.push((aux_key(table, key), None));
     }
 
     /// Deletes every live key attached to `lease` in one write txn (one revision, the
@@ -1300,9 +1242,7 @@ impl Writer<'_> {
         if self.changes.is_empty()
             && self.meta.is_empty()
             && self.compactions.is_empty()
-            && self.lease_ops.is_empty()
-            && self.state.is_empty()
-            && self.alarm_ops.is_empty()
+            && self.aux_ops.is_empty()
         {
             return Ok(());
         }
@@ -1318,19 +1258,10 @@ impl Writer<'_> {
         for (k, v) in &self.meta {
             batch.put_cf(shared.meta_cf(), k, v);
         }
-        for (k, v) in &self.state {
-            batch.put_cf(shared.state_cf(), k.as_bytes(), v);
-        }
-        for (id, v) in &self.lease_ops {
+        for (k, v) in &self.aux_ops {
             match v {
-                Some(v) => batch.put_cf(shared.lease_cf(), id.to_be_bytes(), v),
-                None => batch.delete_cf(shared.lease_cf(), id.to_be_bytes()),
-            }
-        }
-        for (k, v) in &self.alarm_ops {
-            match v {
-                Some(v) => batch.put_cf(shared.alarm_cf(), k, v),
-                None => batch.delete_cf(shared.alarm_cf(), k),
+                Some(v) => batch.put_cf(shared.aux_cf(), k, v),
+                None => batch.delete_cf(shared.aux_cf(), k),
             }
         }
         if let Some((rev, _)) = self.compactions.last() {
@@ -1368,9 +1299,7 @@ impl Writer<'_> {
         }
         self.overlay.clear();
         self.meta.clear();
-        self.lease_ops.clear();
-        self.state.clear();
-        self.alarm_ops.clear();
+        self.aux_ops.clear();
         self.base = self.rev;
         Ok(())
     }

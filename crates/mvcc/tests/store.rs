@@ -344,8 +344,8 @@ fn lease_records_and_attached_keys_survive_reopen_and_images() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&dir.path().join("a"));
     let mut w = s.writer().unwrap();
-    w.put_lease(7, b"seven");
-    w.put_lease(9, b"nine");
+    w.put_aux("lease", &7i64.to_be_bytes(), b"seven");
+    w.put_aux("lease", &9i64.to_be_bytes(), b"nine");
     put_leased(&mut w, "b", 7);
     put_leased(&mut w, "a", 7);
     put_leased(&mut w, "c", 9);
@@ -357,14 +357,17 @@ fn lease_records_and_attached_keys_survive_reopen_and_images() {
     assert_eq!(s.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
     assert!(s.lease_keys(9).is_empty());
     assert_eq!(
-        s.leases().unwrap(),
-        vec![(7, b"seven".to_vec()), (9, b"nine".to_vec())]
+        s.aux_scan("lease").unwrap(),
+        vec![
+            (7i64.to_be_bytes().to_vec(), b"seven".to_vec()),
+            (9i64.to_be_bytes().to_vec(), b"nine".to_vec())
+        ]
     );
     drop(s);
 
     let s = std::sync::Arc::new(open(&dir.path().join("a")));
     assert_eq!(s.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
-    assert_eq!(s.leases().unwrap().len(), 2);
+    assert_eq!(s.aux_scan("lease").unwrap().len(), 2);
     let mut image = Vec::new();
     std::io::Read::read_to_end(&mut s.export().unwrap(), &mut image).unwrap();
 
@@ -373,7 +376,7 @@ fn lease_records_and_attached_keys_survive_reopen_and_images() {
     let mut w = s.writer().unwrap();
     put_leased(&mut w, "e", 7);
     let rev = w.delete_leased_keys(7).unwrap();
-    w.delete_lease(7);
+    w.delete_aux("lease", &7i64.to_be_bytes());
     w.commit(Some(4)).unwrap();
     assert_eq!(rev, before + 2);
     assert_eq!(s.current_revision(), before + 2);
@@ -394,7 +397,10 @@ fn lease_records_and_attached_keys_survive_reopen_and_images() {
         "a, b, d and e all live just before the revoke"
     );
     assert!(s.lease_keys(7).is_empty());
-    assert_eq!(s.leases().unwrap(), vec![(9, b"nine".to_vec())]);
+    assert_eq!(
+        s.aux_scan("lease").unwrap(),
+        vec![(9i64.to_be_bytes().to_vec(), b"nine".to_vec())]
+    );
     // An empty revoke makes no revision.
     let mut w = s.writer().unwrap();
     assert_eq!(w.delete_leased_keys(9).unwrap(), before + 2);
@@ -405,5 +411,5 @@ fn lease_records_and_attached_keys_survive_reopen_and_images() {
     let t = open(&dir.path().join("b"));
     t.import(&mut &image[..], 10).unwrap();
     assert_eq!(t.lease_keys(7), vec![b"a".to_vec(), b"b".to_vec()]);
-    assert_eq!(t.leases().unwrap().len(), 2);
+    assert_eq!(t.aux_scan("lease").unwrap().len(), 2);
 }

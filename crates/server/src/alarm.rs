@@ -1,10 +1,10 @@
 //! etcd's alarm list as replicated state.
 //!
 //! An alarm is a `(member id, alarm type)` pair. Alarms are raised and cleared only by
-//! applied `Alarm` commands, so every member holds the same list; each one is an mvcc
-//! alarm record (key: member id and type, big-endian), written in the batch of the
-//! command, kept across restarts and carried in Raft snapshot images. The in-memory
-//! set mirrors the records for the checks every write makes.
+//! applied `Alarm` commands, so every member holds the same list; each one is a record
+//! of the store's aux table `alarm` (key: member id and type, big-endian), written in
+//! the batch of the command, kept across restarts and carried in Raft snapshot images.
+//! The in-memory set mirrors the records for the checks every write makes.
 //!
 //! While an alarm is active the apply path refuses writes as etcd's appliers do:
 //! `CORRUPT` refuses every write (`etcdserver: corrupt cluster`), `NOSPACE` refuses
@@ -25,6 +25,11 @@ use crate::apply::Command;
 
 /// `(member id, alarm type)`, ordered for listing.
 type Alarm = (u64, i32);
+
+/// The store's aux table of alarm records: key the member id and alarm type
+/// (big-endian), value empty. The name is the one mvcc maps old alarm records into
+/// ([`mvcc::LEGACY_TABLES`]), so stores and images from before the aux keyspace load.
+pub const TABLE: &str = "alarm";
 
 const NOSPACE: i32 = pb::AlarmType::Nospace as i32;
 const CORRUPT: i32 = pb::AlarmType::Corrupt as i32;
@@ -62,7 +67,7 @@ impl Alarms {
     /// Replaces the set with the store's records (after a snapshot was installed).
     pub fn reload(&self, store: &mvcc::Store) -> Result<(), String> {
         let mut set = BTreeSet::new();
-        for (k, _) in store.alarms().map_err(|e| e.to_string())? {
+        for (k, _) in store.aux_scan(TABLE).map_err(|e| e.to_string())? {
             set.insert(decode_key(&k)?);
         }
         *self.active.write().unwrap_or_else(PoisonError::into_inner) = set;
@@ -122,7 +127,7 @@ impl Alarms {
             Ok(AlarmAction::Activate) => {
                 let mut set = self.active.write().unwrap_or_else(PoisonError::into_inner);
                 if set.insert(alarm) {
-                    w.put_alarm(&record_key(alarm), &[]);
+                    w.put_aux(TABLE, &record_key(alarm), &[]);
                     tracing::warn!(
                         member_id = format!("{:x}", alarm.0),
                         alarm = alarm_name(alarm.1),
@@ -134,7 +139,7 @@ impl Alarms {
             Ok(AlarmAction::Deactivate) => {
                 let mut set = self.active.write().unwrap_or_else(PoisonError::into_inner);
                 if set.remove(&alarm) {
-                    w.delete_alarm(&record_key(alarm));
+                    w.delete_aux(TABLE, &record_key(alarm));
                     tracing::info!(
                         member_id = format!("{:x}", alarm.0),
                         alarm = alarm_name(alarm.1),

@@ -43,6 +43,10 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 pub const FULL: i64 = -1;
 /// Checkpoints per log entry (etcd's batch size).
 pub const CHECKPOINT_BATCH: usize = 1000;
+/// The store's aux table of lease records: key the lease id (big-endian), value a
+/// [`Record`]. The name is the one mvcc maps old lease records into
+/// ([`mvcc::LEGACY_TABLES`]), so stores and images from before the aux keyspace load.
+pub const TABLE: &str = "lease";
 
 /// What the log records for a lease: its granted TTL (s) and remaining TTL (ms, or
 /// [`FULL`]).
@@ -129,9 +133,12 @@ impl Lessor {
     /// Replaces the leases with those recorded in `store` (after a snapshot install).
     pub fn reload(&self, store: &mvcc::Store) -> Result<(), String> {
         let mut leases = HashMap::new();
-        for (id, v) in store.leases().map_err(|e| e.to_string())? {
+        for (k, v) in store.aux_scan(TABLE).map_err(|e| e.to_string())? {
+            let id: [u8; 8] = k[..]
+                .try_into()
+                .map_err(|_| format!("lease record key of {} bytes", k.len()))?;
             leases.insert(
-                id,
+                i64::from_be_bytes(id),
                 Lease {
                     rec: Record::decode(&v)?,
                     expiry: None,
@@ -174,7 +181,7 @@ impl Lessor {
             ttl,
             remaining_ms: FULL,
         };
-        w.put_lease(id, &rec.encode());
+        w.put_aux(TABLE, &id.to_be_bytes(), &rec.encode());
         let expiry = g.primary.map(|_| Instant::now() + rec.persisted());
         g.leases.insert(
             id,
@@ -195,7 +202,7 @@ impl Lessor {
         let rev = w
             .delete_leased_keys(id)
             .map_err(crate::convert::api_error)?;
-        w.delete_lease(id);
+        w.delete_aux(TABLE, &id.to_be_bytes());
         self.lock().leases.remove(&id);
         Ok(rev)
     }
@@ -206,7 +213,7 @@ impl Lessor {
         for &(id, remaining_ms) in cps {
             if let Some(l) = g.leases.get_mut(&id) {
                 l.rec.remaining_ms = remaining_ms;
-                w.put_lease(id, &l.rec.encode());
+                w.put_aux(TABLE, &id.to_be_bytes(), &l.rec.encode());
             }
         }
     }

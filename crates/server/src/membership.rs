@@ -20,8 +20,12 @@ use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 use tokio::sync::watch;
 
-/// The store's replicated state key of the member list.
-const STATE_MEMBERS: &str = "members";
+/// The store's aux table of replicated state values, by name. The name is the one
+/// mvcc maps old state values into ([`mvcc::LEGACY_TABLES`]), so stores and images from
+/// before the aux keyspace load.
+pub const STATE_TABLE: &str = "state";
+/// The key of the member list in [`STATE_TABLE`].
+const STATE_MEMBERS: &[u8] = b"members";
 
 #[derive(Default)]
 struct Inner {
@@ -31,9 +35,14 @@ struct Inner {
     learned: HashMap<u64, (String, Vec<String>)>,
 }
 
+/// The encoded member list recorded in `store`, if any.
+fn stored(store: &mvcc::Store) -> Result<Option<Vec<u8>>, mvcc::Error> {
+    store.aux(STATE_TABLE, STATE_MEMBERS)
+}
+
 /// Whether `store` holds a member list.
 pub fn recorded(store: &mvcc::Store) -> Result<bool, mvcc::Error> {
-    Ok(store.state(STATE_MEMBERS)?.is_some())
+    Ok(stored(store)?.is_some())
 }
 
 /// Records the member list a member starts with (before any change was applied).
@@ -42,7 +51,7 @@ pub fn record_initial(w: &mut mvcc::Writer<'_>, members: &[pb::Member]) {
         members: members.to_vec(),
         ..Default::default()
     };
-    w.put_state(STATE_MEMBERS, &list.encode_to_vec());
+    w.put_aux(STATE_TABLE, STATE_MEMBERS, &list.encode_to_vec());
 }
 
 /// The cluster's members as this member knows them.
@@ -81,7 +90,7 @@ impl Membership {
 
     /// Takes the list recorded in `store` (after a snapshot install) if there is one.
     pub fn reload(&self, store: &mvcc::Store) -> Result<(), String> {
-        if let Some(b) = store.state(STATE_MEMBERS).map_err(|e| e.to_string())? {
+        if let Some(b) = stored(store).map_err(|e| e.to_string())? {
             let list = pb::MemberListResponse::decode(&b[..])
                 .map_err(|e| format!("recorded member list: {e}"))?;
             self.lock().members = list.members;
