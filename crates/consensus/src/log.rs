@@ -13,6 +13,9 @@ pub(crate) struct LogStore {
     entries: Vec<Entry>,
     /// The newest snapshot file's metadata, offered to followers that are too far behind.
     snapshot: Option<SnapshotMetadata>,
+    /// Set when a follower needed a snapshot the newest one cannot serve (too old, or
+    /// from before the follower was a member): the node should take a new one.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl LogStore {
@@ -29,7 +32,14 @@ impl LogStore {
             compacted,
             entries,
             snapshot,
+            snapshot_wanted: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether a follower asked for a snapshot newer than the newest one (and forgets
+    /// the question).
+    pub(crate) fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     fn first(&self) -> u64 {
@@ -136,19 +146,30 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         match &self.snapshot {
-            Some(meta) if meta.index >= request_index => {
+            // A member added after the snapshot is not in its configuration and would
+            // refuse it (raft-rs ignores a snapshot that does not list its receiver).
+            Some(meta) if meta.index >= request_index && lists(meta.get_conf_state(), to) => {
                 let mut s = Snapshot::default();
                 s.set_metadata(meta.clone());
                 Ok(s)
             }
-            // Nothing recent enough on disk yet; raft-rs retries later.
-            _ => Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            )),
+            // Nothing recent enough on disk yet: the node takes a new snapshot, and
+            // raft-rs asks again later.
+            _ => {
+                self.snapshot_wanted.set(true);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
         }
     }
+}
+
+/// Whether `cs` has `id` as a voter or learner.
+fn lists(cs: &ConfState, id: u64) -> bool {
+    cs.voters.contains(&id) || cs.learners.contains(&id)
 }
 
 #[cfg(test)]
@@ -203,14 +224,23 @@ mod tests {
     fn snapshot_offered_only_when_recent_enough() {
         let mut s = store();
         assert!(s.snapshot(0, 2).is_err());
-        let m = SnapshotMetadata {
+        assert!(s.take_snapshot_wanted(), "none yet: one is wanted");
+        let mut m = SnapshotMetadata {
             index: 10,
             term: 3,
             ..Default::default()
         };
+        m.set_conf_state(ConfState::from((vec![1, 2], vec![3])));
         s.set_snapshot(m.clone());
+        assert!(!s.take_snapshot_wanted());
         assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 10);
+        assert_eq!(s.snapshot(5, 3).unwrap().get_metadata().index, 10);
         assert!(s.snapshot(11, 2).is_err());
+        assert!(s.take_snapshot_wanted(), "a newer snapshot is wanted");
+        assert!(!s.take_snapshot_wanted());
+        // A member added after the snapshot is not in it: it would refuse it.
+        assert!(s.snapshot(5, 4).is_err());
+        assert!(s.take_snapshot_wanted());
         s.apply_snapshot(&m);
         assert_eq!(s.first_index().unwrap(), 11);
         assert_eq!(s.last_index().unwrap(), 10);

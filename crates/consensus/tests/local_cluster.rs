@@ -306,3 +306,58 @@ async fn stopped_follower_catches_up_through_a_snapshot_and_restarts_from_it() {
         g.stop(id);
     }
 }
+
+/// A member added after the newest snapshot is not in that snapshot's configuration
+/// and would refuse it; the leader must take a new snapshot for it rather than send
+/// the stale one forever (found by the simulation tier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_after_the_newest_snapshot_catches_up() {
+    let mut g = Group::start(20);
+    let leader = g.leader(&IDS).await;
+    for i in 0..60 {
+        g.handle(leader)
+            .propose(format!("k{i}=v{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // The log before the snapshot is gone: a new member needs a snapshot.
+    wait(Duration::from_secs(10), "a snapshot on the leader", || {
+        let dir = g.dir.path().join(format!("n{leader}")).join("snap");
+        (std::fs::read_dir(dir).ok()?.count() > 0).then_some(())
+    })
+    .await;
+    g.handle(leader)
+        .propose_change(concord_consensus::MemberChange {
+            kind: concord_consensus::ChangeKind::AddVoter,
+            id: 4,
+            context: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let map = Map::default();
+    let mut cfg = config(4, g.dir.path(), 20);
+    cfg.peers = vec![1, 2, 3, 4];
+    let sm = MapMachine {
+        map: map.clone(),
+        applied: 0,
+    };
+    let node = start(cfg, sm, g.net.transport(4)).unwrap();
+    g.members.push(Member {
+        node: Some(node),
+        map,
+    });
+    g.handle(leader).propose(b"after=add").await.unwrap();
+    wait(
+        Duration::from_secs(15),
+        "the new member to catch up",
+        || {
+            (g.value(4, "after").as_deref() == Some("add")
+                && g.value(4, "k0").as_deref() == Some("v0"))
+            .then_some(())
+        },
+    )
+    .await;
+    for id in [1, 2, 3, 4] {
+        g.stop(id);
+    }
+}

@@ -23,6 +23,10 @@ impl<S: StateMachine> Applier<S> {
             let r = match task {
                 ApplyTask::Entries(ents, confs) => self.apply(ents, confs),
                 ApplyTask::Restore(file) => self.restore(&file),
+                ApplyTask::Snapshot => {
+                    self.snapshot_now();
+                    Ok(())
+                }
             };
             if let Err(e) = r {
                 tracing::error!(member_id = self.shared.id, error = %e, "applying failed; the node stops");
@@ -132,9 +136,16 @@ impl<S: StateMachine> Applier<S> {
     }
 
     pub(super) fn maybe_snapshot(&mut self) {
-        if self.applied < self.last_snapshot + self.snapshot_count
-            || self.snapshotting.load(Ordering::Acquire)
-        {
+        if self.applied < self.last_snapshot + self.snapshot_count {
+            return;
+        }
+        self.snapshot_now();
+    }
+
+    /// Writes a snapshot of what is applied now, unless one is being written or the
+    /// newest already covers it.
+    pub(super) fn snapshot_now(&mut self) {
+        if self.applied <= self.last_snapshot || self.snapshotting.load(Ordering::Acquire) {
             return;
         }
         self.last_snapshot = self.applied;

@@ -5,6 +5,8 @@
 use super::*;
 
 pub(super) enum ApplyTask {
+    /// Take a snapshot now (a follower needs one newer than the newest).
+    Snapshot,
     /// Committed entries, with Raft's configuration after each membership change.
     Entries(Vec<Entry>, HashMap<u64, ConfState>),
     Restore(Arc<SnapshotFile>),
@@ -60,6 +62,7 @@ impl<O: Send + 'static> Driver<O> {
                     _ = stopped.wait_for(|s| *s) => return Ok(()),
                 }
                 self.flush_reads();
+                self.ask_for_snapshot();
                 if self.raw.has_ready() {
                     self.on_ready().await?;
                 }
@@ -168,6 +171,16 @@ impl<O: Send + 'static> Driver<O> {
 
     /// A local snapshot file is durable: record it, then let go of the log before it
     /// (keeping some entries for followers that are only a little behind).
+    /// A follower needs a snapshot newer than the newest (raft-rs asked the log store
+    /// for one it could not serve): the apply thread takes one, unless one is being
+    /// written or nothing was applied since the newest (raft-rs asks again at the
+    /// follower's next probe, so a full queue only delays it).
+    pub(super) fn ask_for_snapshot(&mut self) {
+        if self.raw.store().take_snapshot_wanted() {
+            let _ = self.apply_tx.try_send(ApplyTask::Snapshot);
+        }
+    }
+
     pub(super) fn snapshot_taken(&mut self, file: SnapshotFile) -> Result<()> {
         let meta = file.meta().clone();
         if meta.index <= self.raw.store().compacted_index() {
