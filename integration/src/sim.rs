@@ -42,6 +42,7 @@ use tokio::task::JoinSet;
 use crate::Rng;
 use crate::history::Record;
 use crate::traffic::{self, PREFIX};
+use crate::verdict::Leftover;
 use crate::watchcheck::KeyRange;
 use crate::watchrec::watcher_loop;
 
@@ -675,18 +676,14 @@ async fn scenario(
     compactor.abort();
     cluster.recover().await?;
     let live = cluster.running().next().context("no member running")?;
-    let marker = cluster
-        .client(live)
-        .await?
-        .put(traffic::key(0), "end", None)
-        .await?
-        .header()
-        .map_or(0, |h| h.revision());
+    let (marker, end_writes) =
+        crate::verdict::final_write(&cluster.slots[live].client_url, Leftover::Revoke).await?;
+    history.extend(end_writes);
     finish_tx.send(Some(marker))?;
     let (reference, ref_missing) = reference.await?;
     let (key0, key_missing) = key0.await?;
     let v = crate::verdict::judge(
-        history,
+        &history,
         reference,
         vec![key0],
         marker,

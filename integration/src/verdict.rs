@@ -4,9 +4,101 @@
 //! ([`watchcheck::check`]), and the KV history against the store model with revisions
 //! ([`history::check`]).
 
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
 use crate::history::{self, Record, Reply, Request};
 use crate::traffic::{self, PREFIX};
 use crate::watchcheck::{self, KeyRange, ReferenceLog, ResponseKind, WatcherHistory};
+use crate::{RETRY_DEADLINE, retry_transient};
+
+/// How long the traffic's short leases may take to expire after the traffic stops.
+const LEASES_GONE: Duration = Duration::from_secs(60);
+
+/// What happens to the traffic's leases before the final write (their expiries must
+/// not land after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// Wait until every lease has expired.
+    Expire,
+    /// Revoke every lease still there (each revoke recorded in the history).
+    Revoke,
+}
+
+/// The run's last write, which every watcher must reach: once every lease of the
+/// traffic has gone (`leftover`), `end-N` is put to key 0 through `endpoint`, retried
+/// while the cluster settles, each attempt with its own value. Returns its revision
+/// and the records of the revokes and of every attempt for the history (the failed
+/// ones with an unknown outcome: they may have been applied).
+pub async fn final_write(endpoint: &str, leftover: Leftover) -> Result<(i64, Vec<Record>)> {
+    let mut records = Vec::new();
+    if leftover == Leftover::Revoke {
+        let ids: Vec<i64> = retry_transient(RETRY_DEADLINE, "listing leases", || async {
+            let r = crate::connect(endpoint).await?.leases().await?;
+            Ok(r.leases().iter().map(|l| l.id()).collect())
+        })
+        .await?;
+        for lease in ids {
+            let r = async {
+                let mut c = crate::connect(endpoint).await?;
+                anyhow::Ok(c.lease_revoke(lease).await?)
+            };
+            let reply = match r.await {
+                Ok(r) => Reply::LeaseRevoke {
+                    revision: r.header().map_or(0, |h| h.revision()),
+                },
+                Err(e) if e.to_string().contains("requested lease not found") => {
+                    Reply::Failed(e.to_string())
+                }
+                Err(_) => Reply::Unknown,
+            };
+            records.push(Record {
+                client: usize::MAX,
+                request: Request::LeaseRevoke { lease },
+                reply,
+                invoke: u64::MAX - 2,
+                complete: u64::MAX - 2,
+            });
+        }
+    }
+    traffic::wait_leases_gone(endpoint, LEASES_GONE).await?;
+    let tried = Mutex::new(Vec::<String>::new());
+    let marker = retry_transient(RETRY_DEADLINE, "the final write", || {
+        let endpoint = endpoint.to_string();
+        let value = {
+            let mut tried = tried.lock().unwrap_or_else(|e| e.into_inner());
+            let value = format!("end-{}", tried.len() + 1);
+            tried.push(value.clone());
+            value
+        };
+        async move {
+            let r = crate::connect(&endpoint)
+                .await?
+                .put(traffic::key(0), value, None)
+                .await?;
+            Ok(r.header().map_or(0, |h| h.revision()))
+        }
+    })
+    .await?;
+    let mut tried = tried.into_inner().unwrap_or_else(|e| e.into_inner());
+    let done = tried.pop().context("no final write attempted")?;
+    let record = |value: String, reply| Record {
+        client: usize::MAX,
+        request: Request::Put {
+            key: traffic::key(0),
+            value,
+            lease: 0,
+        },
+        reply,
+        invoke: u64::MAX - 1,
+        complete: u64::MAX - 1,
+    };
+    records.extend(tried.into_iter().map(|v| record(v, Reply::Unknown)));
+    records.push(record(done, Reply::Put { revision: marker }));
+    Ok((marker, records))
+}
 
 /// What the checkers found.
 #[derive(Debug, Default, Clone)]
@@ -17,13 +109,16 @@ pub struct Verdict {
     pub violations: Vec<String>,
     /// The reference log's events (for dumping a failed run).
     pub events: Vec<watchcheck::WatchEvent>,
+    /// The checkers' summaries, for printing.
+    pub watch_report: String,
+    pub history_report: String,
 }
 
-/// Judges a run: `history` of the clients, the `reference` watcher (from revision 1
-/// over [`PREFIX`]) and `others`, all of which ran until the final write `marker`
-/// (a put of `end` to key 0) or, for `missing`, failed to reach it.
+/// Judges a run: `history` of the clients (with the [`final_write`] records), the
+/// `reference` watcher (from revision 1 over [`PREFIX`]) and `others`, all of which
+/// ran until the final write at `marker` or, for `missing`, failed to reach it.
 pub fn judge(
-    mut history: Vec<Record>,
+    history: &[Record],
     reference: WatcherHistory,
     others: Vec<WatcherHistory>,
     marker: i64,
@@ -34,17 +129,6 @@ pub fn judge(
         out.violations
             .push(format!("a watcher did not reach revision {t}"));
     }
-    history.push(Record {
-        client: usize::MAX,
-        request: Request::Put {
-            key: traffic::key(0),
-            value: "end".into(),
-            lease: 0,
-        },
-        reply: Reply::Put { revision: marker },
-        invoke: u64::MAX - 1,
-        complete: u64::MAX - 1,
-    });
     // The reference log: the reference watcher's events, deduplicated by revision
     // (a duplicate is reported by the watch check).
     let mut events = Vec::new();
@@ -73,10 +157,12 @@ pub fn judge(
     let mut watches = vec![reference];
     watches.extend(others);
     let wr = watchcheck::check(&watches, &log);
+    out.watch_report = wr.to_string();
     out.watch_events = wr.events_checked;
     out.violations
         .extend(wr.violations.iter().map(ToString::to_string));
-    let hr = history::check(&history, &events);
+    let hr = history::check(history, &events);
+    out.history_report = hr.to_string();
     out.ops = hr.ops;
     out.known = hr.known;
     out.violations

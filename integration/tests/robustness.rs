@@ -30,13 +30,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::history::{self, Record};
+use concord_integration::history::Record;
 use concord_integration::traffic::{self, PREFIX};
-use concord_integration::watchcheck::{self, KeyRange, ReferenceLog, WatcherHistory};
+use concord_integration::verdict::{Leftover, final_write, judge};
+use concord_integration::watchcheck::KeyRange;
 use concord_integration::watchrec::watcher_loop;
-use concord_integration::{
-    RETRY_DEADLINE, Rng, concord_failpoints_bin, retry_transient, wait_until,
-};
+use concord_integration::{Rng, concord_failpoints_bin, wait_until};
 
 const CLIENTS: usize = 6;
 
@@ -373,100 +372,28 @@ async fn scenario(
     let live = (0..cluster.members.len())
         .find(|&i| !cluster.members[i].retired && cluster.members[i].pid().is_some())
         .context("no live member")?;
-    traffic::wait_leases_gone(&cluster.endpoint(live), Duration::from_secs(60)).await?;
-
-    // A final write every watcher must reach.
-    // Retried while the cluster settles, each attempt with its own value: the failed
-    // ones go into the history with an unknown outcome (they may have been applied).
-    let endpoint = cluster.endpoint(live);
-    let tried = std::sync::Mutex::new(Vec::<String>::new());
-    let marker = retry_transient(RETRY_DEADLINE, "the final write", || {
-        let endpoint = endpoint.clone();
-        let value = {
-            let mut tried = tried.lock().unwrap_or_else(|e| e.into_inner());
-            let value = format!("end-{}", tried.len() + 1);
-            tried.push(value.clone());
-            value
-        };
-        async move {
-            let r = concord_integration::connect(&endpoint)
-                .await?
-                .put(traffic::key(0), value, None)
-                .await?;
-            Ok(r.header().map_or(0, |h| h.revision()))
-        }
-    })
-    .await?;
-    let mut tried = tried.into_inner().unwrap_or_else(|e| e.into_inner());
-    let end_value = tried.pop().context("no final write attempted")?;
+    let (marker, end_writes) = final_write(&cluster.endpoint(live), Leftover::Expire).await?;
+    history.extend(end_writes);
     finish_tx.send(Some(marker))?;
     let (reference, ref_missing) = reference_w.await?;
     let (key0, key_missing) = key_w.await?;
-    let mut out = Outcome {
+    let v = judge(
+        &history,
+        reference,
+        vec![key0],
+        marker,
+        ref_missing.or(key_missing),
+    );
+    println!("robustness: watches: {}", v.watch_report);
+    println!("robustness: history: {}", v.history_report);
+    let out = Outcome {
         fault: desc,
-        ..Outcome::default()
+        ops: v.ops,
+        known: v.known,
+        watch_events: v.watch_events,
+        violations: v.violations,
     };
-    if let Some(t) = ref_missing.or(key_missing) {
-        out.violations
-            .push(format!("a watcher did not reach revision {t}"));
-    }
-    let end_write = |value: String, reply| Record {
-        client: usize::MAX,
-        request: history::Request::Put {
-            key: traffic::key(0),
-            value,
-            lease: 0,
-        },
-        reply,
-        invoke: u64::MAX - 1,
-        complete: u64::MAX - 1,
-    };
-    for value in tried {
-        history.push(end_write(value, history::Reply::Unknown));
-    }
-    history.push(end_write(
-        end_value,
-        history::Reply::Put { revision: marker },
-    ));
-
-    // The reference log: the reference watcher's events, deduplicated by revision
-    // (a duplicate is reported by the watch check below).
-    let mut events = Vec::new();
-    let mut last = 0;
-    for s in &reference.sessions {
-        for r in &s.responses {
-            if let watchcheck::ResponseKind::Events(evs) = &r.kind {
-                for e in evs {
-                    if e.mod_revision > last || (e.mod_revision == last && !events.contains(e)) {
-                        last = e.mod_revision;
-                        events.push(e.clone());
-                    }
-                }
-            }
-        }
-    }
-    let log = ReferenceLog {
-        range: KeyRange::prefix(PREFIX),
-        from_revision: 1,
-        through_revision: marker,
-        events: events.clone(),
-    };
-    for e in log.validate() {
-        out.violations.push(format!("reference: {e}"));
-    }
-    let watches: Vec<WatcherHistory> = vec![reference, key0];
-    let wr = watchcheck::check(&watches, &log);
-    println!("robustness: watches: {wr}");
-    out.watch_events = wr.events_checked;
-    out.violations
-        .extend(wr.violations.iter().map(ToString::to_string));
-
-    let hr = history::check(&history, &events);
-    println!("robustness: history: {hr}");
-    out.ops = hr.ops;
-    out.known = hr.known;
-    out.violations
-        .extend(hr.violations.iter().map(ToString::to_string));
+    let events = v.events;
     if !out.violations.is_empty() {
         let mut text = String::new();
         for (i, r) in history.iter().enumerate() {
@@ -480,10 +407,10 @@ async fn scenario(
         std::fs::write(&dir, text)?;
         println!("robustness: history written to {}", dir.display());
     }
-    if hr.known < 50 {
+    if out.known < 50 {
         bail!(
             "only {} requests completed: the cluster did not serve",
-            hr.known
+            out.known
         );
     }
     Ok(out)

@@ -16,6 +16,13 @@ use anyhow::{Context, Result, bail};
 use concord_integration::sim::{self, FaultKind, Options};
 
 fn main() -> Result<()> {
+    // Members log (to stderr) only when asked: RUST_LOG=info, or a finer filter.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut args = std::env::args().skip(1);
     let mut seeds: Option<u64> = None;
     let mut one: Option<u64> = None;
