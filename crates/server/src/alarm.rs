@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::sync::{PoisonError, RwLock};
 
-use concord_gateway::Error as ApiError;
+use crate::apply::ApplyError;
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use pb::alarm_request::AlarmAction;
@@ -102,19 +102,19 @@ impl Alarms {
     }
 
     /// The error etcd's alarm appliers give `cmd` while alarms are active, if any.
-    pub fn refuse(&self, cmd: &Command) -> Option<ApiError> {
+    pub fn refuse(&self, cmd: &Command) -> Option<ApplyError> {
         if matches!(cmd, Command::Alarm(_) | Command::LeaseCheckpoint(_)) {
             return None;
         }
         if self.is_active(CORRUPT) {
-            return Some(ApiError::Corrupt);
+            return Some(ApplyError::Corrupt);
         }
         let grows = match cmd {
             Command::Put(_) | Command::LeaseGrant(_) => true,
             Command::Txn(t) => txn_puts(t),
             _ => false,
         };
-        (grows && self.is_active(NOSPACE)).then_some(ApiError::NoSpace)
+        (grows && self.is_active(NOSPACE)).then_some(ApplyError::NoSpace)
     }
 
     /// Applies an `Alarm` command in the batch `w`, as etcd's applier does: GET lists,
@@ -241,11 +241,11 @@ mod tests {
         );
         assert_eq!(r.alarms, vec![member((7, NOSPACE))]);
         w.commit(None).unwrap();
-        assert_eq!(alarms.refuse(&put), Some(ApiError::NoSpace));
-        assert_eq!(alarms.refuse(&nested_put), Some(ApiError::NoSpace));
+        assert_eq!(alarms.refuse(&put), Some(ApplyError::NoSpace));
+        assert_eq!(alarms.refuse(&nested_put), Some(ApplyError::NoSpace));
         assert_eq!(
             alarms.refuse(&Command::LeaseGrant(Default::default())),
-            Some(ApiError::NoSpace)
+            Some(ApplyError::NoSpace)
         );
         assert_eq!(alarms.refuse(&del), None);
         assert_eq!(alarms.refuse(&read_txn), None);
@@ -262,7 +262,7 @@ mod tests {
             &mut w,
             &req(AlarmAction::Activate, 9, pb::AlarmType::Corrupt),
         );
-        assert_eq!(alarms.refuse(&del), Some(ApiError::Corrupt));
+        assert_eq!(alarms.refuse(&del), Some(ApplyError::Corrupt));
         assert_eq!(
             alarms
                 .apply(&mut w, &req(AlarmAction::Get, 0, pb::AlarmType::Corrupt))

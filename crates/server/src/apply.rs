@@ -119,9 +119,73 @@ pub enum Applied {
     Alarm(pb::AlarmResponse),
 }
 
-/// What a proposer gets back: the command's result, or the (deterministic) error it
-/// met, as the client will see it.
-pub type Output = Result<Applied, ApiError>;
+/// What a proposer gets back: the command's result, or the deterministic refusal it
+/// met.
+pub type Output = Result<Applied, ApplyError>;
+
+/// Why an applied command was refused. Decided by the log alone (the command and the
+/// state before it), so every member refuses the same commands the same way; a failure
+/// of the member itself (its store) is not a refusal but fatal
+/// ([`crate::error::Error`]). Clients see it as the gateway's error, mapped here once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("required revision has been compacted")]
+    Compacted,
+    #[error("required revision is a future revision")]
+    FutureRev,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error("lease already exists")]
+    LeaseExist,
+    #[error("too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("member not found")]
+    MemberNotFound,
+    /// `NOSPACE` is raised: puts, txns that put and grants are refused.
+    #[error("database space exceeded")]
+    NoSpace,
+    /// `CORRUPT` is raised: every write is refused.
+    #[error("corrupt cluster")]
+    Corrupt,
+    /// The entry does not decode as a command (the same bytes on every member).
+    #[error("undecodable command: {0}")]
+    Undecodable(String),
+}
+
+impl ApplyError {
+    /// The refusal for a store error, or the store error itself when it is a failure
+    /// of this member rather than a property of the command.
+    fn from_store(e: mvcc::Error) -> crate::error::Result<ApplyError> {
+        Ok(match e {
+            mvcc::Error::Compacted => ApplyError::Compacted,
+            mvcc::Error::FutureRevision => ApplyError::FutureRev,
+            mvcc::Error::KeyNotFound => ApplyError::KeyNotFound,
+            mvcc::Error::LeaseNotFound => ApplyError::LeaseNotFound,
+            e @ (mvcc::Error::Storage(_) | mvcc::Error::Corrupt(_) | mvcc::Error::Poisoned(_)) => {
+                return Err(e.into());
+            }
+        })
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> ApiError {
+        match e {
+            ApplyError::Compacted => ApiError::Compacted,
+            ApplyError::FutureRev => ApiError::FutureRev,
+            ApplyError::KeyNotFound => ApiError::KeyNotFound,
+            ApplyError::LeaseNotFound => ApiError::LeaseNotFound,
+            ApplyError::LeaseExist => ApiError::LeaseExist,
+            ApplyError::LeaseTtlTooLarge => ApiError::LeaseTtlTooLarge,
+            ApplyError::MemberNotFound => ApiError::MemberNotFound,
+            ApplyError::NoSpace => ApiError::NoSpace,
+            ApplyError::Corrupt => ApiError::Corrupt,
+            e @ ApplyError::Undecodable(_) => ApiError::Internal(format!("etcdserver: {e}")),
+        }
+    }
+}
 
 /// The KV store, its leases and the alarm list as Raft's state machine.
 pub struct KvMachine {
@@ -157,26 +221,57 @@ fn apply_one(
     members: &Membership,
     alarms: &Alarms,
     data: &[u8],
-) -> Output {
+) -> crate::error::Result<Output> {
     let cmd = match Command::decode(data) {
         Ok(c) => c,
         // Every member decodes the same bytes the same way, so failing just this
         // command keeps them in step.
-        Err(e) => return Err(convert::api_error(mvcc::Error::Corrupt(e))),
+        Err(e) => return Ok(Err(ApplyError::Undecodable(e))),
     };
     // The alarm list is replicated state, so every member refuses the same commands.
     if let Some(e) = alarms.refuse(&cmd) {
-        return Err(e);
+        return Ok(Err(e));
     }
-    let store = convert::api_error;
+    Ok(apply_command(w, leases, members, alarms, cmd)).and_then(|r| match r {
+        Ok(applied) => Ok(Ok(applied)),
+        Err(Refused::Apply(e)) => Ok(Err(e)),
+        Err(Refused::Store(e)) => ApplyError::from_store(e).map(Err),
+    })
+}
+
+/// A command's failure while it is applied: a refusal, or a store error still to be
+/// told apart ([`ApplyError::from_store`]).
+#[derive(Debug)]
+pub(crate) enum Refused {
+    Apply(ApplyError),
+    Store(mvcc::Error),
+}
+
+impl From<ApplyError> for Refused {
+    fn from(e: ApplyError) -> Refused {
+        Refused::Apply(e)
+    }
+}
+
+impl From<mvcc::Error> for Refused {
+    fn from(e: mvcc::Error) -> Refused {
+        Refused::Store(e)
+    }
+}
+
+fn apply_command(
+    w: &mut mvcc::Writer<'_>,
+    leases: &Lessor,
+    members: &Membership,
+    alarms: &Alarms,
+    cmd: Command,
+) -> Result<Applied, Refused> {
     Ok(match cmd {
-        Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases).map_err(store)?),
-        Command::DeleteRange(d) => {
-            Applied::DeleteRange(w.delete_range(&convert::delete_req(d)).map_err(store)?)
-        }
-        Command::Txn(t) => Applied::Txn(w.txn(&convert::txn_req(t), leases).map_err(store)?),
+        Command::Put(p) => Applied::Put(w.put(&convert::put_req(p), leases)?),
+        Command::DeleteRange(d) => Applied::DeleteRange(w.delete_range(&convert::delete_req(d))?),
+        Command::Txn(t) => Applied::Txn(w.txn(&convert::txn_req(t), leases)?),
         Command::Compact(c) => {
-            let wait = w.compact(c.revision).map_err(store)?;
+            let wait = w.compact(c.revision)?;
             Applied::Compact(w.revision(), wait)
         }
         Command::LeaseGrant(g) => {
@@ -210,7 +305,7 @@ impl StateMachine for KvMachine {
     fn apply(&mut self, cmds: &[Committed<'_>]) -> crate::error::Result<Vec<Output>> {
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_BATCH);
         let mut writer = self.store.writer()?;
-        let outputs: Vec<Output> = cmds
+        let outputs = cmds
             .iter()
             .map(|c| {
                 apply_one(
@@ -221,7 +316,7 @@ impl StateMachine for KvMachine {
                     c.data,
                 )
             })
-            .collect();
+            .collect::<crate::error::Result<Vec<Output>>>()?;
         let last = cmds.last().map(|c| c.index);
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
         let (_, changes) = writer.commit_changes(last)?;
@@ -370,7 +465,7 @@ mod tests {
             ])
             .unwrap();
         assert!(matches!(&out[0], Ok(Applied::Put(r)) if r.header_revision == 2));
-        assert!(matches!(&out[1], Err(ApiError::Internal(_))));
+        assert!(matches!(&out[1], Err(ApplyError::Undecodable(_))));
         assert!(matches!(&out[2], Ok(Applied::Put(r)) if r.header_revision == 3));
         assert_eq!(m.applied_index(), 7);
     }
@@ -409,12 +504,12 @@ mod tests {
             })
             .collect();
         let out = m.apply(&batch).unwrap();
-        assert!(matches!(&out[0], Err(ApiError::LeaseNotFound)));
+        assert!(matches!(&out[0], Err(ApplyError::LeaseNotFound)));
         assert!(matches!(
             &out[1],
             Ok(Applied::LeaseGrant { id: 9, ttl: 5, .. })
         ));
-        assert!(matches!(&out[4], Err(ApiError::LeaseExist)));
+        assert!(matches!(&out[4], Err(ApplyError::LeaseExist)));
         assert_eq!(store.lease_keys(9), vec![b"a".to_vec(), b"b".to_vec()]);
         let out = m
             .apply(&[
@@ -432,7 +527,7 @@ mod tests {
             .unwrap();
         // "b", "a", "c" made revisions 2..4; the revoke is revision 5.
         assert!(matches!(&out[0], Ok(Applied::LeaseRevoke(5))));
-        assert!(matches!(&out[1], Err(ApiError::LeaseNotFound)));
+        assert!(matches!(&out[1], Err(ApplyError::LeaseNotFound)));
         assert!(leases.ids().is_empty());
         let left = store
             .range(&mvcc::RangeRequest {
@@ -480,7 +575,7 @@ mod alarm_tests {
             alarm: pb::AlarmType::Nospace as i32,
         });
         assert!(matches!(apply(&mut a, 2, raise), Ok(Applied::Alarm(r)) if r.alarms.len() == 1));
-        assert!(matches!(apply(&mut a, 3, put()), Err(ApiError::NoSpace)));
+        assert!(matches!(apply(&mut a, 3, put()), Err(ApplyError::NoSpace)));
         let del = Command::DeleteRange(pb::DeleteRangeRequest {
             key: b"k".to_vec(),
             ..Default::default()
@@ -493,7 +588,7 @@ mod alarm_tests {
         let (mut b, _) = test_machine(&dir.path().join("b"));
         assert!(apply(&mut b, 1, put()).is_ok());
         b.restore(&mut &image[..], 4, 1).unwrap();
-        assert!(matches!(apply(&mut b, 5, put()), Err(ApiError::NoSpace)));
+        assert!(matches!(apply(&mut b, 5, put()), Err(ApplyError::NoSpace)));
         let disarm = Command::Alarm(pb::AlarmRequest {
             action: pb::alarm_request::AlarmAction::Deactivate as i32,
             member_id: 3,

@@ -32,7 +32,8 @@ impl ClusterApi {
             .raft
             .propose_change(change)
             .await
-            .map_err(raft_error)??
+            .map_err(raft_error)?
+            .map_err(ApiError::from)?
         {
             Applied::Members(list) => Ok(list),
             other => Err(unexpected(&other)),

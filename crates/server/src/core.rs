@@ -87,7 +87,11 @@ impl Core {
     }
 
     pub(crate) async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
-        self.raft.propose(&cmd.encode()).await.map_err(raft_error)?
+        Ok(self
+            .raft
+            .propose(&cmd.encode())
+            .await
+            .map_err(raft_error)??)
     }
 
     /// Waits until this member has applied everything committed before the call

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use concord_gateway::Error as ApiError;
+use crate::apply::{ApplyError, Refused};
 use concord_mvcc as mvcc;
 
 /// etcd's `MaxLeaseTTL`: a grant above it fails with "too large lease TTL".
@@ -166,16 +166,16 @@ impl Lessor {
         w: &mut mvcc::Writer<'_>,
         id: i64,
         ttl: i64,
-    ) -> Result<i64, ApiError> {
+    ) -> Result<i64, ApplyError> {
         if id == 0 {
-            return Err(ApiError::LeaseNotFound);
+            return Err(ApplyError::LeaseNotFound);
         }
         if ttl > MAX_LEASE_TTL {
-            return Err(ApiError::LeaseTtlTooLarge);
+            return Err(ApplyError::LeaseTtlTooLarge);
         }
         let mut g = self.lock();
         if g.leases.contains_key(&id) {
-            return Err(ApiError::LeaseExist);
+            return Err(ApplyError::LeaseExist);
         }
         let rec = Record {
             ttl,
@@ -195,13 +195,11 @@ impl Lessor {
     }
 
     /// Revokes lease `id`, deleting its keys in one revision; returns the revision after.
-    pub fn apply_revoke(&self, w: &mut mvcc::Writer<'_>, id: i64) -> Result<i64, ApiError> {
+    pub(crate) fn apply_revoke(&self, w: &mut mvcc::Writer<'_>, id: i64) -> Result<i64, Refused> {
         if !self.lock().leases.contains_key(&id) {
-            return Err(ApiError::LeaseNotFound);
+            return Err(ApplyError::LeaseNotFound.into());
         }
-        let rev = w
-            .delete_leased_keys(id)
-            .map_err(crate::convert::api_error)?;
+        let rev = w.delete_leased_keys(id)?;
         w.delete_aux(TABLE, &id.to_be_bytes());
         self.lock().leases.remove(&id);
         Ok(rev)
@@ -419,12 +417,15 @@ mod tests {
         let l = Lessor::open(&s).unwrap();
         let mut w = s.writer().unwrap();
         assert_eq!(l.apply_grant(&mut w, 5, 10).unwrap(), 10);
-        assert_eq!(l.apply_grant(&mut w, 5, 10), Err(ApiError::LeaseExist));
+        assert_eq!(l.apply_grant(&mut w, 5, 10), Err(ApplyError::LeaseExist));
         assert_eq!(
             l.apply_grant(&mut w, 6, MAX_LEASE_TTL + 1),
-            Err(ApiError::LeaseTtlTooLarge)
+            Err(ApplyError::LeaseTtlTooLarge)
         );
-        assert_eq!(l.apply_revoke(&mut w, 6), Err(ApiError::LeaseNotFound));
+        assert!(matches!(
+            l.apply_revoke(&mut w, 6),
+            Err(Refused::Apply(ApplyError::LeaseNotFound))
+        ));
         w.commit(Some(1)).unwrap();
         assert!(mvcc::LeaseLookup::lease_exists(&l, 5));
         assert_eq!(l.ids(), vec![5]);

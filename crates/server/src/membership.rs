@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::apply::ApplyError;
 use concord_consensus::{ChangeKind, MemberChange, Transport};
-use concord_gateway::Error as ApiError;
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
@@ -157,13 +157,13 @@ impl Membership {
         w: &mut mvcc::Writer<'_>,
         id: u64,
         peer_urls: &[String],
-    ) -> Result<Vec<pb::Member>, ApiError> {
+    ) -> Result<Vec<pb::Member>, ApplyError> {
         let mut g = self.lock();
         let m = g
             .members
             .iter_mut()
             .find(|m| m.id == id)
-            .ok_or(ApiError::MemberNotFound)?;
+            .ok_or(ApplyError::MemberNotFound)?;
         m.peer_ur_ls = peer_urls.to_vec();
         if let (Some(t), Some(url)) = (&self.transport, peer_urls.first())
             && id != self.self_id
@@ -259,7 +259,7 @@ mod tests {
         m.apply_change(&mut w, &promote);
         assert_eq!(
             m.apply_update(&mut w, 9, &["http://x:1".into()]),
-            Err(ApiError::MemberNotFound)
+            Err(ApplyError::MemberNotFound)
         );
         w.commit(Some(6)).unwrap();
         m.learned(2, "n2".into(), vec!["http://b:3".into()]);
