@@ -28,7 +28,7 @@ async fn seeded_scenarios_find_no_violation() {
     });
     println!("sim: {n} seeds, SIM_BASE={base}");
     let seeds = (0..n).map(|i| sim::scenario_seed(base, i)).collect();
-    let s = sim::run_many(seeds, 2, Options::default(), false).await;
+    let s = sim::run_many(seeds, 3, Options::default(), false).await;
     println!(
         "sim: {} requests ({} known), {} watch events; sizes {:?}; faults {:?}",
         s.ops, s.known, s.watch_events, s.by_size, s.by_kind

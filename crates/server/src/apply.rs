@@ -232,11 +232,13 @@ fn apply_one(
     if let Some(e) = alarms.refuse(&cmd) {
         return Ok(Err(e));
     }
-    Ok(apply_command(w, leases, members, alarms, cmd)).and_then(|r| match r {
+    match apply_command(w, leases, members, alarms, cmd) {
         Ok(applied) => Ok(Ok(applied)),
         Err(Refused::Apply(e)) => Ok(Err(e)),
+        // A store failure of this member stops it rather than refuse the command here
+        // alone (other members would apply it).
         Err(Refused::Store(e)) => ApplyError::from_store(e).map(Err),
-    })
+    }
 }
 
 /// A command's failure while it is applied: a refusal, or a store error still to be

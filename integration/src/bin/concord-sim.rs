@@ -27,7 +27,7 @@ fn main() -> Result<()> {
     let mut seeds: Option<u64> = None;
     let mut one: Option<u64> = None;
     let mut base: Option<u64> = None;
-    let mut jobs = 2usize;
+    let mut jobs = 3usize;
     let mut until_violation = false;
     let mut opts = Options::default();
     while let Some(a) = args.next() {
