@@ -154,6 +154,8 @@ struct Running {
 
 /// A cluster of members in this process.
 pub struct SimCluster {
+    /// What was injected so far (reported even when the scenario breaks).
+    injected: Vec<String>,
     net: LocalNetwork,
     root: tempfile::TempDir,
     token: String,
@@ -190,6 +192,7 @@ impl SimCluster {
     pub async fn start(n: usize, seed: u64) -> Result<SimCluster> {
         let root = tempfile::Builder::new().prefix("concord-sim-").tempdir()?;
         let mut c = SimCluster {
+            injected: Vec::new(),
             net: LocalNetwork::seeded(seed),
             root,
             token: format!("sim-{seed}"),
@@ -576,6 +579,7 @@ pub async fn run_seed(seed: u64, opts: &Options) -> Result<Outcome> {
     let mut out = match result {
         Ok(o) => o,
         Err(e) => Outcome {
+            faults: cluster.injected.clone(),
             violations: vec![format!("the scenario broke: {e:#}")],
             ..Outcome::default()
         },
@@ -659,16 +663,16 @@ async fn scenario(
             }
         })
     };
-    let mut faults = Vec::new();
     tokio::time::sleep(rng.millis(200, 500)).await;
     for &kind in schedule {
         let desc = cluster.inject(kind, rng).await;
-        faults.push(match desc {
+        cluster.injected.push(match desc {
             Ok(d) => d,
             Err(e) => format!("{kind:?} not injected: {e:#}"),
         });
         tokio::time::sleep(rng.millis(100, 300)).await;
     }
+    let faults = cluster.injected.clone();
     let mut history: Vec<Record> = Vec::new();
     for c in clients {
         history.extend(c.await?);

@@ -81,13 +81,11 @@ pub(crate) async fn remove_the_others(node: Weak<ClusterApi>) {
     else {
         return;
     };
-    let mut first = true;
+    // A removal that does not go through is tried again an election timeout later.
+    let mut retry = tokio::time::interval(election_timeout);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if !first {
-            // A removal did not go through: try again after an election timeout.
-            tokio::time::sleep(election_timeout).await;
-        }
-        first = false;
+        retry.tick().await;
         if state
             .wait_for(|s| s.role == consensus::Role::Leader)
             .await

@@ -457,7 +457,11 @@ async fn detect_removal(node: Weak<Core>, transport: Arc<dyn Transport>) {
     else {
         return;
     };
+    // Still listed (or too few peers answered): ask again an election timeout later.
+    let mut retry = tokio::time::interval(election_timeout);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        retry.tick().await;
         // Wait for a leaderless spell, then for three election timeouts of it.
         if state.wait_for(|s| s.leader == 0).await.is_err() {
             return;
@@ -500,7 +504,5 @@ async fn detect_removal(node: Weak<Core>, transport: Arc<dyn Transport>) {
             n.members.mark_removed();
             return;
         }
-        // Still listed (or too few answered): ask again after another election timeout.
-        tokio::time::sleep(election_timeout).await;
     }
 }
