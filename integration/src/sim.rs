@@ -56,6 +56,8 @@ const SNAPSHOT_COUNT: u64 = 120;
 const CATCH_UP_ENTRIES: u64 = 30;
 /// How long the cluster may take to answer on every member after the faults end.
 const RECOVERY: Duration = Duration::from_secs(30);
+/// A scenario that takes longer than this has hung: a violation, not a stalled run.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The kinds of fault a schedule draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -575,7 +577,16 @@ pub async fn run_seed(seed: u64, opts: &Options) -> Result<Outcome> {
         .map(|_| kinds[rng.below(kinds.len() as u64) as usize])
         .collect();
     let mut cluster = SimCluster::start(members, rng.next_u64()).await?;
-    let result = scenario(&mut cluster, &schedule, opts, &mut rng).await;
+    let result = tokio::time::timeout(
+        SCENARIO_DEADLINE,
+        scenario(&mut cluster, &schedule, opts, &mut rng),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "the scenario did not finish within {SCENARIO_DEADLINE:?}"
+        ))
+    });
     let mut out = match result {
         Ok(o) => o,
         Err(e) => Outcome {

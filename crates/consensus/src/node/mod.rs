@@ -226,9 +226,9 @@ pub struct Node<O> {
 
 impl<O: Send + 'static> Node<O> {
     /// Stops the node and waits for its threads.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
         self.handle.shutdown();
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
     }
@@ -240,5 +240,13 @@ impl<O: Send + 'static> Node<O> {
     pub fn crash(self) {
         self.handle.shared.crashed.store(true, Ordering::Release);
         self.shutdown();
+    }
+}
+
+/// A node dropped without [`Node::shutdown`] still stops: its threads end on their own
+/// (not waited for here).
+impl<O> Drop for Node<O> {
+    fn drop(&mut self) {
+        self.handle.shared.stop("node dropped");
     }
 }
