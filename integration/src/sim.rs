@@ -610,6 +610,14 @@ pub async fn run_seed(seed: u64, opts: &Options) -> Result<Outcome> {
     Ok(out)
 }
 
+/// With `SIM_TRACE` set, each scenario says on stderr which phase it is in.
+fn phase(what: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SIM_TRACE").is_some()) {
+        eprintln!("sim: {what}");
+    }
+}
+
 async fn scenario(
     cluster: &mut SimCluster,
     schedule: &[FaultKind],
@@ -684,19 +692,24 @@ async fn scenario(
         tokio::time::sleep(rng.millis(100, 300)).await;
     }
     let faults = cluster.injected.clone();
+    phase("faults done; waiting for the clients");
     let mut history: Vec<Record> = Vec::new();
     for c in clients {
         history.extend(c.await?);
     }
     compactor.abort();
+    phase("recovering");
     cluster.recover().await?;
+    phase("final write");
     let live = cluster.running().next().context("no member running")?;
     let (marker, end_writes) =
         crate::verdict::final_write(&cluster.slots[live].client_url, Leftover::Revoke).await?;
     history.extend(end_writes);
     finish_tx.send(Some(marker))?;
+    phase("waiting for the watchers");
     let (reference, ref_missing) = reference.await?;
     let (key0, key_missing) = key0.await?;
+    phase("checking");
     let v = crate::verdict::judge(
         &history,
         reference,

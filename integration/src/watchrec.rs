@@ -109,6 +109,14 @@ pub async fn watcher_loop(
                 break "caught up".to_string();
             }
             let now = Instant::now();
+            // A member that never reaches the target (it diverged, or lags for good)
+            // may still send progress: the give-up deadline holds inside a session too.
+            if finish.borrow().is_some() {
+                let deadline = *give_up.get_or_insert_with(|| now + WATCH_CATCH_UP);
+                if now >= deadline {
+                    break "gave up".to_string();
+                }
+            }
             if now >= last_msg + WATCH_IDLE {
                 break format!("no message for {WATCH_IDLE:?}");
             }
@@ -123,7 +131,10 @@ pub async fn watcher_loop(
                     break format!("request_progress: {}", end_kind(&e));
                 }
             }
-            let wake = (last_msg + WATCH_IDLE).min(next_progress).min(retire);
+            let mut wake = (last_msg + WATCH_IDLE).min(next_progress).min(retire);
+            if let Some(d) = give_up {
+                wake = wake.min(d);
+            }
             let msg = tokio::select! {
                 msg = rx.message() => msg,
                 _ = tokio::time::sleep_until(wake.into()) => continue,
