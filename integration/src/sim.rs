@@ -41,10 +41,8 @@ use tokio::task::JoinSet;
 
 use crate::Rng;
 use crate::history::Record;
-use crate::traffic::{self, PREFIX};
+use crate::traffic;
 use crate::verdict::Leftover;
-use crate::watchcheck::KeyRange;
-use crate::watchrec::watcher_loop;
 
 /// Heartbeat and election timeout of simulated members (ms): short, so that a
 /// scenario of a few seconds sees several elections.
@@ -512,20 +510,9 @@ impl SimCluster {
             }
         }
         for i in self.live().collect::<Vec<_>>() {
-            let url = self.slots[i].client_url.clone();
-            crate::wait_until(
-                RECOVERY,
-                &format!("{} answering", self.slots[i].name),
-                || {
-                    let url = url.clone();
-                    async move {
-                        let mut c = crate::connect(&url).await?;
-                        c.get("r/recovered", None).await?;
-                        Ok(())
-                    }
-                },
-            )
-            .await?;
+            crate::wait_answering(&self.slots[i].client_url, RECOVERY)
+                .await
+                .with_context(|| format!("{} answering", self.slots[i].name))?;
         }
         Ok(())
     }
@@ -629,27 +616,7 @@ async fn scenario(
     let stop = origin + Duration::from_secs_f64(opts.secs);
     let endpoints = cluster.endpoints();
     let compact_to = Arc::new(AtomicI64::new(0));
-    let (finish_tx, finish_rx) = watch::channel(None);
-    let reference = tokio::spawn(watcher_loop(
-        "reference",
-        KeyRange::prefix(PREFIX),
-        endpoints.clone(),
-        0,
-        1,
-        finish_rx.clone(),
-        true,
-        rng.next_u64(),
-    ));
-    let key0 = tokio::spawn(watcher_loop(
-        "key-0",
-        KeyRange::single(traffic::key(0)),
-        endpoints.clone(),
-        endpoints.len() - 1,
-        1,
-        finish_rx.clone(),
-        false,
-        rng.next_u64(),
-    ));
+    let watchers = crate::verdict::Watchers::spawn(&endpoints, rng);
     let mut clients = Vec::new();
     for id in 0..opts.clients {
         clients.push(tokio::spawn(traffic::client_loop(
@@ -705,18 +672,8 @@ async fn scenario(
     let (marker, end_writes) =
         crate::verdict::final_write(&cluster.slots[live].client_url, Leftover::Revoke).await?;
     history.extend(end_writes);
-    finish_tx.send(Some(marker))?;
-    phase("waiting for the watchers");
-    let (reference, ref_missing) = reference.await?;
-    let (key0, key_missing) = key0.await?;
-    phase("checking");
-    let v = crate::verdict::judge(
-        &history,
-        reference,
-        vec![key0],
-        marker,
-        ref_missing.or(key_missing),
-    );
+    phase("waiting for the watchers, then checking");
+    let v = watchers.finish(&history, marker).await?;
     let mut out = Outcome {
         faults,
         kinds: schedule.to_vec(),

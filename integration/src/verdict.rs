@@ -14,6 +14,61 @@ use crate::traffic::{self, PREFIX};
 use crate::watchcheck::{self, KeyRange, ReferenceLog, ResponseKind, WatcherHistory};
 use crate::{RETRY_DEADLINE, retry_transient};
 
+/// The two recording watchers every scenario runs: the reference (all of [`PREFIX`]
+/// from revision 1, asking for progress, on the first endpoint first) and one on key 0
+/// (on the last endpoint first). Both resume across faults until [`Watchers::finish`]
+/// names the final write's revision.
+pub struct Watchers {
+    finish: tokio::sync::watch::Sender<Option<i64>>,
+    reference: tokio::task::JoinHandle<(WatcherHistory, Option<i64>)>,
+    key0: tokio::task::JoinHandle<(WatcherHistory, Option<i64>)>,
+}
+
+impl Watchers {
+    pub fn spawn(endpoints: &[String], rng: &mut crate::Rng) -> Watchers {
+        let (finish, finish_rx) = tokio::sync::watch::channel(None);
+        let reference = tokio::spawn(crate::watchrec::watcher_loop(
+            "reference",
+            KeyRange::prefix(PREFIX),
+            endpoints.to_vec(),
+            0,
+            1,
+            finish_rx.clone(),
+            true,
+            rng.next_u64(),
+        ));
+        let key0 = tokio::spawn(crate::watchrec::watcher_loop(
+            "key-0",
+            KeyRange::single(traffic::key(0)),
+            endpoints.to_vec(),
+            endpoints.len() - 1,
+            1,
+            finish_rx,
+            false,
+            rng.next_u64(),
+        ));
+        Watchers {
+            finish,
+            reference,
+            key0,
+        }
+    }
+
+    /// Lets both run until they reach `marker` (or give up), then judges the run.
+    pub async fn finish(self, history: &[Record], marker: i64) -> Result<Verdict> {
+        self.finish.send(Some(marker))?;
+        let (reference, ref_missing) = self.reference.await?;
+        let (key0, key_missing) = self.key0.await?;
+        Ok(judge(
+            history,
+            reference,
+            vec![key0],
+            marker,
+            ref_missing.or(key_missing),
+        ))
+    }
+}
+
 /// How long the traffic's short leases may take to expire after the traffic stops.
 const LEASES_GONE: Duration = Duration::from_secs(60);
 

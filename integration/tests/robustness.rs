@@ -31,11 +31,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
 use concord_integration::history::Record;
-use concord_integration::traffic::{self, PREFIX};
-use concord_integration::verdict::{Leftover, final_write, judge};
-use concord_integration::watchcheck::KeyRange;
-use concord_integration::watchrec::watcher_loop;
-use concord_integration::{Rng, concord_failpoints_bin, wait_until};
+use concord_integration::traffic;
+use concord_integration::verdict::{Leftover, Watchers, final_write};
+use concord_integration::{Rng, concord_failpoints_bin, wait_answering, wait_until};
 
 const CLIENTS: usize = 6;
 
@@ -95,16 +93,7 @@ async fn wait_recovered(cluster: &Cluster) -> Result<()> {
         if cluster.members[i].retired || cluster.members[i].pid().is_none() {
             continue;
         }
-        let endpoint = cluster.endpoint(i);
-        wait_until(Duration::from_secs(30), &endpoint, || {
-            let endpoint = endpoint.clone();
-            async move {
-                let mut c = concord_integration::connect(&endpoint).await?;
-                c.get("r/recovered", None).await?;
-                Ok(())
-            }
-        })
-        .await?;
+        wait_answering(&cluster.endpoint(i), Duration::from_secs(30)).await?;
     }
     Ok(())
 }
@@ -307,27 +296,7 @@ async fn scenario(
     let stop = origin + Duration::from_secs(secs);
     let endpoints = cluster.endpoints();
     let compact_to = Arc::new(AtomicI64::new(0));
-    let (finish_tx, finish_rx) = tokio::sync::watch::channel(None);
-    let reference_w = tokio::spawn(watcher_loop(
-        "reference",
-        KeyRange::prefix(PREFIX),
-        endpoints.clone(),
-        0,
-        1,
-        finish_rx.clone(),
-        true,
-        rng.next_u64(),
-    ));
-    let key_w = tokio::spawn(watcher_loop(
-        "key-0",
-        KeyRange::single(traffic::key(0)),
-        endpoints.clone(),
-        endpoints.len() - 1,
-        1,
-        finish_rx.clone(),
-        false,
-        rng.next_u64(),
-    ));
+    let watchers = Watchers::spawn(&endpoints, rng);
     // Compactions stay behind what the watchers need: their sessions are resumed from
     // history and would be canceled otherwise. Tracked from the reference's reads.
     let progress = {
@@ -374,16 +343,7 @@ async fn scenario(
         .context("no live member")?;
     let (marker, end_writes) = final_write(&cluster.endpoint(live), Leftover::Expire).await?;
     history.extend(end_writes);
-    finish_tx.send(Some(marker))?;
-    let (reference, ref_missing) = reference_w.await?;
-    let (key0, key_missing) = key_w.await?;
-    let v = judge(
-        &history,
-        reference,
-        vec![key0],
-        marker,
-        ref_missing.or(key_missing),
-    );
+    let v = watchers.finish(&history, marker).await?;
     println!("robustness: watches: {}", v.watch_report);
     println!("robustness: history: {}", v.history_report);
     let out = Outcome {

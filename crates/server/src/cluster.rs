@@ -75,15 +75,10 @@ impl ClusterApi {
 /// `--force-new-cluster`: once this member leads its one-voter cluster, the other
 /// members are removed through the log, so the new configuration survives restarts.
 pub(crate) async fn remove_the_others(node: Weak<ClusterApi>) {
-    let Some((mut state, election_timeout)) = node
-        .upgrade()
-        .map(|n| (n.raft.subscribe(), n.election_timeout))
-    else {
+    // A removal that does not go through is tried again an election timeout later.
+    let Some((mut state, mut retry)) = node.upgrade().map(|n| n.state_and_retry()) else {
         return;
     };
-    // A removal that does not go through is tried again an election timeout later.
-    let mut retry = tokio::time::interval(election_timeout);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         retry.tick().await;
         if state

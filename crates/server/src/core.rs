@@ -72,6 +72,19 @@ pub(crate) fn unexpected(what: &Applied) -> ApiError {
 }
 
 impl Core {
+    /// For a background task: the consensus state to wait on, and a timer of one
+    /// election timeout for its retries.
+    pub(crate) fn state_and_retry(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<consensus::Status>,
+        tokio::time::Interval,
+    ) {
+        let mut retry = tokio::time::interval(self.election_timeout);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        (self.raft.subscribe(), retry)
+    }
+
     pub(crate) fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             cluster_id: self.identity.cluster_id,

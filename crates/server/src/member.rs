@@ -451,15 +451,13 @@ async fn join_info(
 /// that answers (a majority of the others at least) lists it no more, it was removed
 /// and stops, as an etcd member told "removed" by its peers does.
 async fn detect_removal(node: Weak<Core>, transport: Arc<dyn Transport>) {
-    let Some((mut state, election_timeout)) = node
-        .upgrade()
-        .map(|n| (n.raft.subscribe(), n.election_timeout))
-    else {
+    // Still listed (or too few peers answered): ask again an election timeout later.
+    let Some((mut state, mut retry, election_timeout)) = node.upgrade().map(|n| {
+        let (state, retry) = n.state_and_retry();
+        (state, retry, n.election_timeout)
+    }) else {
         return;
     };
-    // Still listed (or too few peers answered): ask again an election timeout later.
-    let mut retry = tokio::time::interval(election_timeout);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         retry.tick().await;
         // Wait for a leaderless spell, then for three election timeouts of it.
