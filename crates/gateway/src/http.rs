@@ -10,8 +10,16 @@ use axum::{Json, Router};
 
 use crate::backend::HealthBackend;
 
-/// The etcd API version Concord implements, reported where etcd reports its own.
-pub const ETCD_API_VERSION: &str = "3.5.0";
+/// The etcd server version whose client-visible behaviour Concord serves, reported
+/// where etcd reports its own (`/version`, Maintenance `Status`). 3.5.13 is the
+/// first 3.5 release whose `RequestProgress` answers only once every watcher of the
+/// stream is synced (etcd-io/etcd#17555), which Concord's watch hub guarantees;
+/// Kubernetes serves consistent reads from its watch cache only from that version
+/// on. Clients that pick an API by version (Patroni, etcd3gw: `/v3` from 3.4 on) see
+/// the API Concord serves.
+pub const ETCD_API_VERSION: &str = "3.5.13";
+/// The cluster version, as etcd reports it: major.minor.0.
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 /// `/health`, `/livez`, `/readyz` and `/version`.
 pub fn router<B: HealthBackend + ?Sized>(backend: Arc<B>) -> Router {
@@ -57,7 +65,7 @@ async fn readyz<B: HealthBackend + ?Sized>(State(b): State<Arc<B>>) -> Response 
 async fn version() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "etcdserver": ETCD_API_VERSION,
-        "etcdcluster": ETCD_API_VERSION,
+        "etcdcluster": ETCD_CLUSTER_VERSION,
         "concord": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -39,7 +39,8 @@ fn forwarded(m: &MetadataMap) -> bool {
     m.get(FORWARDED_KEY).is_some()
 }
 
-type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+pub(crate) type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
@@ -68,20 +69,7 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
         let hop = forwarded(req.metadata());
-        let mut inbound = req.into_inner();
-        let backend = self.backend.clone();
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(next) = inbound.next().await {
-                let Ok(r) = next else { return };
-                let out = backend.lease_keep_alive(r, hop).await.map_err(Status::from);
-                let failed = out.is_err();
-                if tx.send(out).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.keep_alive(hop, req.into_inner())))
     }
 
     async fn lease_time_to_live(
@@ -103,5 +91,29 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         Ok(Response::new(
             self.backend.lease_leases(req.into_inner()).await?,
         ))
+    }
+}
+
+impl<B: LeaseBackend + ?Sized> LeaseService<B> {
+    /// Renews the leases of `inbound`'s requests one at a time, in order (a gRPC
+    /// stream, or the JSON objects of an HTTP body), answering each on the returned
+    /// stream; `hop`: the calls were forwarded by another member.
+    pub(crate) fn keep_alive<S>(&self, hop: bool, mut inbound: S) -> KeepAliveStream
+    where
+        S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
+    {
+        let backend = self.backend.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(next) = inbound.next().await {
+                let Ok(r) = next else { return };
+                let out = backend.lease_keep_alive(r, hop).await.map_err(Status::from);
+                let failed = out.is_err();
+                if tx.send(out).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
     }
 }

@@ -32,12 +32,11 @@ mod lease;
 mod listener;
 mod lock;
 mod maintenance;
+mod rest;
 mod validate;
 mod watch;
 
 use std::sync::Arc;
-
-use axum::response::IntoResponse;
 
 use concord_proto::etcdserverpb;
 use concord_proto::etcdserverpb::{
@@ -123,24 +122,30 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
     router_for(Backends::from_one(backend), limits)
 }
 
-/// One router for the client port: gRPC (HTTP/2) services and the HTTP endpoints.
+/// One router for the client port: gRPC (HTTP/2) services, etcd's HTTP/JSON API
+/// (`/v3/...`, served by the same service values) and the HTTP endpoints.
 pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
     let max = limits.max_grpc_message();
     let recipes = b.recipes();
-    let kv = KvServer::from_arc(Arc::new(KvService::new(b.kv.clone(), limits)))
-        .max_decoding_message_size(max);
-    let watch = WatchServer::from_arc(Arc::new(WatchService::new(b.watch.clone(), limits)))
-        .max_decoding_message_size(max);
-    let lease = LeaseServer::new(LeaseService::new(b.lease.clone()));
-    let maintenance = MaintenanceServer::new(MaintenanceService::new(b.maintenance.clone()))
-        .max_decoding_message_size(max);
-    let cluster =
-        ClusterServer::new(ClusterService::new(b.cluster.clone())).max_decoding_message_size(max);
+    let services = rest::Services {
+        kv: Arc::new(KvService::new(b.kv.clone(), limits)),
+        watch: Arc::new(WatchService::new(b.watch.clone(), limits)),
+        lease: Arc::new(LeaseService::new(b.lease.clone())),
+        maintenance: Arc::new(MaintenanceService::new(b.maintenance.clone())),
+        cluster: Arc::new(ClusterService::new(b.cluster.clone())),
+        lock: Arc::new(LockService::new(recipes.clone(), limits)),
+        election: Arc::new(ElectionService::new(recipes, limits)),
+    };
+    let rest = rest::router(&services, limits);
+    let kv = KvServer::from_arc(services.kv).max_decoding_message_size(max);
+    let watch = WatchServer::from_arc(services.watch).max_decoding_message_size(max);
+    let lease = LeaseServer::from_arc(services.lease);
+    let maintenance =
+        MaintenanceServer::from_arc(services.maintenance).max_decoding_message_size(max);
+    let cluster = ClusterServer::from_arc(services.cluster).max_decoding_message_size(max);
     let health = HealthServer::new(HealthService::new(b.health.clone()));
-    let lock = LockServer::from_arc(Arc::new(LockService::new(recipes.clone(), limits)))
-        .max_decoding_message_size(max);
-    let election = ElectionServer::from_arc(Arc::new(ElectionService::new(recipes, limits)))
-        .max_decoding_message_size(max);
+    let lock = LockServer::from_arc(services.lock).max_decoding_message_size(max);
+    let election = ElectionServer::from_arc(services.election).max_decoding_message_size(max);
     let grpc = tonic::service::Routes::new(kv)
         .add_service(watch)
         .add_service(lease)
@@ -150,11 +155,13 @@ pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
         .add_service(lock)
         .add_service(election)
         .into_axum_router();
-    grpc.merge(http::router(b.health)).fallback(fallback)
+    grpc.merge(rest)
+        .merge(http::router(b.health))
+        .fallback(fallback)
 }
 
 /// The KV, Watch and Lease backends together, for the Lock and Election recipes.
-struct Recipes {
+pub(crate) struct Recipes {
     kv: Arc<dyn KvBackend>,
     watch: Arc<dyn WatchBackend>,
     lease: Arc<dyn LeaseBackend>,
@@ -243,5 +250,5 @@ async fn fallback(req: axum::extract::Request) -> axum::response::Response {
         let status = tonic::Status::unimplemented(format!("unknown method {}", req.uri().path()));
         return status.into_http::<axum::body::Body>();
     }
-    axum::http::StatusCode::NOT_FOUND.into_response()
+    rest::not_found(req.uri().path())
 }

@@ -13,8 +13,8 @@ use concord_proto::etcdserverpb::{
 };
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::{WatchBackend, WatchSession};
@@ -39,7 +39,7 @@ const REQUIRE_LEADER_KEY: &str = "hasleader";
 /// Consecutive leaderless checks before such a stream ends (etcd's `maxNoLeaderCnt`).
 const LEADERLESS_CHECKS: u32 = 3;
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+pub(crate) type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
@@ -49,15 +49,33 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let require_leader = req
-            .metadata()
-            .get(REQUIRE_LEADER_KEY)
-            .is_some_and(|v| v.as_bytes() == b"true");
+        let require_leader = require_leader(req.metadata());
+        Ok(Response::new(self.serve(require_leader, req.into_inner())?))
+    }
+}
+
+/// Whether the call's metadata asks for its streams to end while there is no leader.
+pub(crate) fn require_leader(m: &tonic::metadata::MetadataMap) -> bool {
+    m.get(REQUIRE_LEADER_KEY)
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
+impl<B: WatchBackend + ?Sized> WatchService<B> {
+    /// One watch stream over any source of requests (a gRPC stream, or the JSON
+    /// objects of an HTTP body): the responses, in order, until the session ends or
+    /// the returned stream is dropped.
+    pub(crate) fn serve<S>(
+        &self,
+        require_leader: bool,
+        mut inbound: S,
+    ) -> Result<WatchStream, Status>
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
         if require_leader && !self.backend.has_leader() {
             return Err(Error::NoLeader.into());
         }
         let session: Arc<dyn WatchSession> = Arc::from(self.backend.open_watch()?);
-        let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(16);
 
         let reader_session = session.clone();
@@ -65,20 +83,20 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
             loop {
                 // A client that sends requests but does not read answers waits here.
                 reader_session.writable().await;
-                match inbound.message().await {
-                    Ok(Some(WatchRequest {
+                match inbound.next().await {
+                    Some(Ok(WatchRequest {
                         request_union: Some(r),
                     })) => match r {
                         RequestUnion::CreateRequest(c) => reader_session.create(c),
                         RequestUnion::CancelRequest(c) => reader_session.cancel(c.watch_id),
                         RequestUnion::ProgressRequest(_) => reader_session.progress(),
                     },
-                    Ok(Some(WatchRequest {
+                    Some(Ok(WatchRequest {
                         request_union: None,
                     })) => {}
                     // The client closed its side (etcd keeps sending until the call
                     // ends) or the call is gone.
-                    Ok(None) | Err(_) => return,
+                    None | Some(Err(_)) => return,
                 }
             }
         });
@@ -123,7 +141,7 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
             }
             reader.abort();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 

@@ -1,0 +1,431 @@
+//! etcd's HTTP/JSON API (its grpc-gateway) on the client port: `POST /v3/<service>/<rpc>`
+//! with a protobuf-JSON body, answered in etcd's JSON; `/v3/watch`,
+//! `/v3/lease/keepalive`, `/v3/maintenance/snapshot` and `/v3/election/observe`
+//! stream newline-delimited `{"result":…}` objects.
+//!
+//! Every path calls the same service value the gRPC server runs (in process, no
+//! loopback hop), so requests get the gRPC API's checks, limits and errors; only the
+//! encoding differs ([`codec`]).
+
+mod codec;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{MethodRouter, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_stream::StreamExt;
+use tonic::Status;
+
+use concord_proto::etcdserverpb::{
+    WatchRequest, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
+    maintenance_server::Maintenance,
+};
+use concord_proto::v3electionpb::election_server::Election;
+use concord_proto::v3lockpb::lock_server::Lock;
+
+use crate::Recipes;
+use crate::backend::{ClusterBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend};
+use crate::election::ElectionService;
+use crate::kv::KvService;
+use crate::lease::LeaseService;
+use crate::lock::LockService;
+use crate::maintenance::{ClusterService, MaintenanceService};
+use crate::validate::Limits;
+use crate::watch::{WatchService, require_leader};
+
+use codec::Answers;
+
+/// The service values the client port's gRPC server runs, shared with the gateway.
+pub(crate) struct Services {
+    pub kv: Arc<KvService<dyn KvBackend>>,
+    pub watch: Arc<WatchService<dyn WatchBackend>>,
+    pub lease: Arc<LeaseService<dyn LeaseBackend>>,
+    pub maintenance: Arc<MaintenanceService<dyn MaintenanceBackend>>,
+    pub cluster: Arc<ClusterService<dyn ClusterBackend>>,
+    pub lock: Arc<LockService<Recipes>>,
+    pub election: Arc<ElectionService<Recipes>>,
+}
+
+/// The API prefixes etcd's gateway answers on.
+const PREFIXES: &[&str] = &["/v3", "/v3beta"];
+
+/// The Auth service's paths and RPC names. Concord has no Auth service yet (the
+/// gRPC API answers `Unimplemented` for it too); these paths say so in
+/// grpc-gateway's error body rather than with a 404.
+const AUTH_PATHS: &[(&str, &str)] = &[
+    ("/auth/enable", "AuthEnable"),
+    ("/auth/disable", "AuthDisable"),
+    ("/auth/status", "AuthStatus"),
+    ("/auth/authenticate", "Authenticate"),
+    ("/auth/user/add", "UserAdd"),
+    ("/auth/user/get", "UserGet"),
+    ("/auth/user/list", "UserList"),
+    ("/auth/user/delete", "UserDelete"),
+    ("/auth/user/changepw", "UserChangePassword"),
+    ("/auth/user/grant", "UserGrantRole"),
+    ("/auth/user/revoke", "UserRevokeRole"),
+    ("/auth/role/add", "RoleAdd"),
+    ("/auth/role/get", "RoleGet"),
+    ("/auth/role/list", "RoleList"),
+    ("/auth/role/delete", "RoleDelete"),
+    ("/auth/role/grant", "RoleGrantPermission"),
+    ("/auth/role/revoke", "RoleRevokePermission"),
+];
+
+/// The gateway's routes, under every prefix etcd serves them on.
+pub(crate) fn router(s: &Services, limits: Limits) -> Router {
+    let mut r = Router::new();
+    for prefix in PREFIXES {
+        r = r.nest(prefix, api(s, limits));
+    }
+    r
+}
+
+fn api(s: &Services, limits: Limits) -> Router {
+    let l = limits;
+    let mut r = Router::new()
+        .route(
+            "/kv/range",
+            unary(&s.kv, l, |s, r| async move { s.range(r).await }),
+        )
+        .route(
+            "/kv/put",
+            unary(&s.kv, l, |s, r| async move { s.put(r).await }),
+        )
+        .route(
+            "/kv/deleterange",
+            unary(&s.kv, l, |s, r| async move { s.delete_range(r).await }),
+        )
+        .route(
+            "/kv/txn",
+            unary(&s.kv, l, |s, r| async move { s.txn(r).await }),
+        )
+        .route(
+            "/kv/compaction",
+            unary(&s.kv, l, |s, r| async move { s.compact(r).await }),
+        )
+        .route("/watch", watch(&s.watch, l))
+        .route(
+            "/lease/grant",
+            unary(&s.lease, l, |s, r| async move { s.lease_grant(r).await }),
+        )
+        .route("/lease/keepalive", keep_alive(&s.lease, l))
+        .route(
+            "/maintenance/alarm",
+            unary(&s.maintenance, l, |s, r| async move { s.alarm(r).await }),
+        )
+        .route(
+            "/maintenance/status",
+            unary(&s.maintenance, l, |s, r| async move { s.status(r).await }),
+        )
+        .route(
+            "/maintenance/defragment",
+            unary(
+                &s.maintenance,
+                l,
+                |s, r| async move { s.defragment(r).await },
+            ),
+        )
+        .route(
+            "/maintenance/hash",
+            unary(&s.maintenance, l, |s, r| async move { s.hash(r).await }),
+        )
+        .route(
+            "/maintenance/hashkv",
+            unary(&s.maintenance, l, |s, r| async move { s.hash_kv(r).await }),
+        )
+        .route(
+            "/maintenance/snapshot",
+            server_stream(&s.maintenance, l, |s, r| async move {
+                s.snapshot(r).await.map(|a| a.into_inner())
+            }),
+        )
+        .route(
+            "/maintenance/transfer-leadership",
+            unary(
+                &s.maintenance,
+                l,
+                |s, r| async move { s.move_leader(r).await },
+            ),
+        )
+        .route(
+            "/cluster/member/add",
+            unary(&s.cluster, l, |s, r| async move { s.member_add(r).await }),
+        )
+        .route(
+            "/cluster/member/remove",
+            unary(
+                &s.cluster,
+                l,
+                |s, r| async move { s.member_remove(r).await },
+            ),
+        )
+        .route(
+            "/cluster/member/update",
+            unary(
+                &s.cluster,
+                l,
+                |s, r| async move { s.member_update(r).await },
+            ),
+        )
+        .route(
+            "/cluster/member/list",
+            unary(&s.cluster, l, |s, r| async move { s.member_list(r).await }),
+        )
+        .route(
+            "/cluster/member/promote",
+            unary(
+                &s.cluster,
+                l,
+                |s, r| async move { s.member_promote(r).await },
+            ),
+        )
+        .route(
+            "/lock/lock",
+            unary(&s.lock, l, |s, r| async move { recipe(s.lock(r).await) }),
+        )
+        .route(
+            "/lock/unlock",
+            unary(&s.lock, l, |s, r| async move { recipe(s.unlock(r).await) }),
+        )
+        .route(
+            "/election/campaign",
+            unary(
+                &s.election,
+                l,
+                |s, r| async move { recipe(s.campaign(r).await) },
+            ),
+        )
+        .route(
+            "/election/proclaim",
+            unary(
+                &s.election,
+                l,
+                |s, r| async move { recipe(s.proclaim(r).await) },
+            ),
+        )
+        .route(
+            "/election/leader",
+            unary(
+                &s.election,
+                l,
+                |s, r| async move { recipe(s.leader(r).await) },
+            ),
+        )
+        .route(
+            "/election/observe",
+            server_stream(&s.election, l, |s, r| async move {
+                recipe(s.observe(r).await.map(|a| a.into_inner()))
+            }),
+        )
+        .route(
+            "/election/resign",
+            unary(
+                &s.election,
+                l,
+                |s, r| async move { recipe(s.resign(r).await) },
+            ),
+        );
+    // Revoke, time-to-live and the lease list answer under /kv/lease/ too (etcd's
+    // additional bindings, from when leases lived under the KV service).
+    for base in ["/lease", "/kv/lease"] {
+        r = r
+            .route(
+                &format!("{base}/revoke"),
+                unary(&s.lease, l, |s, r| async move { s.lease_revoke(r).await }),
+            )
+            .route(
+                &format!("{base}/timetolive"),
+                unary(
+                    &s.lease,
+                    l,
+                    |s, r| async move { s.lease_time_to_live(r).await },
+                ),
+            )
+            .route(
+                &format!("{base}/leases"),
+                unary(&s.lease, l, |s, r| async move { s.lease_leases(r).await }),
+            );
+    }
+    for (path, rpc) in AUTH_PATHS {
+        let status = crate::Error::Unimplemented(format!(
+            "concord: Auth.{rpc} is not supported by this server yet"
+        ));
+        let status = Status::from(status);
+        r = r.route(
+            path,
+            only_post(move || {
+                let status = status.clone();
+                async move { codec::error(&status) }
+            }),
+        );
+    }
+    r
+}
+
+/// A `POST` route that answers other methods as grpc-gateway does.
+fn only_post<H, T>(handler: H) -> MethodRouter
+where
+    H: axum::handler::Handler<T, ()>,
+    T: 'static,
+{
+    post(handler).fallback(method_not_allowed)
+}
+
+/// etcd serves Lock and Election through a gateway of their own whose errors all
+/// reach the client as `Unknown` (HTTP 500), with the original text.
+fn recipe<T>(r: Result<T, Status>) -> Result<T, Status> {
+    r.map_err(|s| Status::unknown(s.message().to_string()))
+}
+
+/// A unary request's message: the body decoded, within gRPC's size limit, with the
+/// call's metadata from the headers.
+async fn request<T>(
+    headers: &HeaderMap,
+    body: Body,
+    limits: Limits,
+) -> Result<tonic::Request<T>, Status>
+where
+    T: DeserializeOwned + prost::Message + Default,
+{
+    let max = limits.max_grpc_message();
+    let bytes = codec::read_body(body, codec::body_limit(max)).await?;
+    let msg: T = codec::decode(&bytes)?;
+    codec::check_message_size(&msg, max)?;
+    let mut req = tonic::Request::new(msg);
+    *req.metadata_mut() = codec::metadata(headers);
+    Ok(req)
+}
+
+/// `POST` of a unary RPC: `call` is the gRPC service's method.
+fn unary<S, Req, Resp, F, Fut>(svc: &Arc<S>, limits: Limits, call: F) -> MethodRouter
+where
+    S: ?Sized + Send + Sync + 'static,
+    Req: DeserializeOwned + prost::Message + Default + Send + 'static,
+    Resp: Serialize,
+    F: Fn(Arc<S>, tonic::Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>> + Send + 'static,
+{
+    let svc = svc.clone();
+    only_post(move |headers: HeaderMap, body: Body| {
+        let (svc, call) = (svc.clone(), call.clone());
+        async move {
+            let req = match request::<Req>(&headers, body, limits).await {
+                Ok(r) => r,
+                Err(s) => return codec::error(&s),
+            };
+            match call(svc, req).await {
+                Ok(r) => codec::ok(r.get_ref()),
+                Err(s) => codec::error(&s),
+            }
+        }
+    })
+}
+
+/// `POST` of an RPC with one request and a stream of answers.
+fn server_stream<S, Req, Resp, F, Fut>(svc: &Arc<S>, limits: Limits, call: F) -> MethodRouter
+where
+    S: ?Sized + Send + Sync + 'static,
+    Req: DeserializeOwned + prost::Message + Default + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Arc<S>, tonic::Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Answers<Resp>, Status>> + Send + 'static,
+{
+    let svc = svc.clone();
+    only_post(move |headers: HeaderMap, body: Body| {
+        let (svc, call) = (svc.clone(), call.clone());
+        async move {
+            let req = match request::<Req>(&headers, body, limits).await {
+                Ok(r) => r,
+                Err(s) => return codec::error(&s),
+            };
+            match call(svc, req).await {
+                Ok(answers) => codec::stream(answers).await,
+                Err(s) => codec::error(&s),
+            }
+        }
+    })
+}
+
+/// A streamed call's requests once the first has decoded. grpc-gateway fails the
+/// whole call when the first request does not decode (later bad requests only end
+/// the client's side); a body with no request at all is a stream that sends none.
+async fn first_decoded<T: Send + 'static>(mut reqs: Answers<T>) -> Result<Answers<T>, Status> {
+    match reqs.next().await {
+        None => Ok(Box::pin(tokio_stream::empty())),
+        // grpc-gateway returns that decoding error as it is, which makes it `Unknown`.
+        Some(Err(s)) => Err(Status::unknown(s.message().to_string())),
+        Some(Ok(first)) => Ok(Box::pin(
+            tokio_stream::once(Ok(first)).chain(reqs.take_while(Result::is_ok)),
+        )),
+    }
+}
+
+/// `POST /v3/watch`: the body's JSON objects are the stream's `WatchRequest`s.
+fn watch(svc: &Arc<WatchService<dyn WatchBackend>>, limits: Limits) -> MethodRouter {
+    let svc = svc.clone();
+    only_post(move |headers: HeaderMap, body: Body| {
+        let svc = svc.clone();
+        async move {
+            let reqs = streamed_requests::<WatchRequest>(body, limits);
+            let reqs = match first_decoded(reqs).await {
+                Ok(r) => r,
+                Err(s) => return codec::error(&s),
+            };
+            let leader = require_leader(&codec::metadata(&headers));
+            match svc.serve(leader, reqs) {
+                Ok(answers) => codec::stream(answers).await,
+                Err(s) => codec::error(&s),
+            }
+        }
+    })
+}
+
+/// `POST /v3/lease/keepalive`: each JSON object of the body renews a lease.
+fn keep_alive(svc: &Arc<LeaseService<dyn LeaseBackend>>, limits: Limits) -> MethodRouter {
+    let svc = svc.clone();
+    only_post(move |body: Body| {
+        let svc = svc.clone();
+        async move {
+            let reqs = streamed_requests(body, limits);
+            let reqs = match first_decoded(reqs).await {
+                Ok(r) => r,
+                Err(s) => return codec::error(&s),
+            };
+            codec::stream(svc.keep_alive(false, reqs)).await
+        }
+    })
+}
+
+fn streamed_requests<T>(body: Body, limits: Limits) -> Answers<T>
+where
+    T: DeserializeOwned + prost::Message + Send + 'static,
+{
+    let max = limits.max_grpc_message();
+    codec::requests(body, codec::body_limit(max), max)
+}
+
+/// The answer for a path the client port does not serve: the gateway's own 404
+/// under its prefixes, Go's mux's elsewhere (both plain text, as etcd's).
+pub(crate) fn not_found(path: &str) -> Response {
+    let ours = PREFIXES.iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with('/'))
+    });
+    if ours {
+        codec::text(StatusCode::NOT_FOUND, "Not Found")
+    } else {
+        codec::text(StatusCode::NOT_FOUND, "404 page not found")
+    }
+}
+
+/// The answer to a gateway path called with another method than `POST`.
+async fn method_not_allowed() -> Response {
+    codec::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
