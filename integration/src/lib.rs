@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod bench;
 pub mod cluster;
+pub mod curl;
 pub mod history;
 pub mod linearizability;
 pub mod proxy;
