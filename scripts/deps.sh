@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Concord needs on a fresh Debian machine:
 # libclang (RocksDB's bindgen), protoc (the etcd-client crate's build), and Debian's
-# etcd-server / etcd-client (the reference etcd and etcdctl for differential tests).
+# etcd-server / etcd-client (the reference etcd and etcdctl for differential tests),
+# curl (the HTTP/JSON differential session), and the neighbours' own setup.
 # Does nothing when everything is already there.
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -17,6 +19,9 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq "${need[@]}" </dev/null
 fi
+# The real neighbours of the HTTP/JSON API: Patroni with PostgreSQL 15, and a venv
+# for Python's etcd3gw.
+"$(dirname "$0")/../integration/neighbours/deps.sh"
 # Debian's etcd-server package starts a system etcd on :2379; tests use their own
 # ports, but a default-port concord would collide with it.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
