@@ -8,9 +8,10 @@
 //!
 //! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`,
 //! `grpc.health.v1.Health`, and `v3lockpb.Lock` and `v3electionpb.Election`, which are
-//! etcd's concurrency recipes done over the KV, Watch and Lease backends), the HTTP
-//! endpoints on the client port (`/health`, `/livez`, `/readyz`, `/version`), and the
-//! composition of both into one router ([`router`]).
+//! etcd's concurrency recipes done over the KV, Watch and Lease backends), etcd's
+//! HTTP/JSON API (its grpc-gateway's `/v3/...` paths, served by the same service
+//! values in process), the HTTP endpoints on the client port (`/health`, `/livez`,
+//! `/readyz`, `/version`), and the composition of all into one router ([`router`]).
 //!
 //! The Maintenance service frames `Snapshot` as etcd does: the backend hands over an
 //! image ([`SnapshotImage`]), the gateway streams it in chunks with `remaining_bytes`
