@@ -357,16 +357,21 @@ mod tests {
     #[test]
     fn ids_are_numbered_and_lease_ids_found_in_keys() {
         let mut n = Normaliser::new();
-        let grant = serde_json::json!({"header":{"cluster_id":"9","member_id":"8","revision":"3","raft_term":"2"},"ID":"255","TTL":"60"});
+        let grant = serde_json::json!({"header":{"cluster_id":"9","member_id":"8","revision":"3","raft_term":"2"},"ID":"4294967295","TTL":"60"});
+        // Numbered in the order the (key-sorted) object shows them: `ID` first.
         let got = n.normalise(&grant);
         assert_eq!(
             got,
-            serde_json::json!({"header":{"cluster_id":"<id1>","member_id":"<id2>","revision":"3","raft_term":"<string>"},"ID":"<id3>","TTL":"60"})
+            serde_json::json!({"header":{"cluster_id":"<id2>","member_id":"<id3>","revision":"3","raft_term":"<string>"},"ID":"<id1>","TTL":"60"})
         );
-        let lock = serde_json::json!({"key": base64(b"mylock/ff")});
+        let lock = serde_json::json!({"key": base64(b"mylock/ffffffff")});
         assert_eq!(
             n.normalise(&lock),
-            serde_json::json!({"key":"text:mylock/<id3>"})
+            serde_json::json!({"key":"text:mylock/<id1>"})
         );
+        // Short ids are not looked for in keys.
+        n.normalise(&serde_json::json!({"ID": "255"}));
+        let plain = serde_json::json!({"key": base64(b"ff")});
+        assert_eq!(n.normalise(&plain), serde_json::json!({"key":"text:ff"}));
     }
 }

@@ -187,22 +187,19 @@ pub(super) async fn stream<T: Serialize + Send + 'static>(mut answers: Answers<T
     json_response(status, Vec::new())
 }
 
-/// The JSON of a whole body, or a refusal with grpc-gateway's status.
+/// The JSON of a whole body, or a refusal with grpc-gateway's status once it passes
+/// `limit` bytes.
 pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Status> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| body_error(&e))
-}
-
-fn body_error(e: &axum::Error) -> Status {
-    let too_long = std::error::Error::source(e)
-        .is_some_and(|s| s.to_string().contains("length limit exceeded"))
-        || e.to_string().contains("length limit exceeded");
-    if too_long {
-        too_large()
-    } else {
-        Status::invalid_argument(e.to_string())
+    let mut chunks = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(c) = chunks.next().await {
+        let c = c.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if buf.len() + c.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&c);
     }
+    Ok(Bytes::from(buf))
 }
 
 /// Decodes a unary request as grpc-gateway does: the body's first JSON value (what
