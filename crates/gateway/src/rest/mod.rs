@@ -89,57 +89,30 @@ pub(crate) fn router(s: &Services, limits: Limits) -> Router {
 
 fn api(s: &Services, limits: Limits) -> Router {
     let l = limits;
+    // A unary path: the service and its gRPC method (`recipe`: its errors as Lock and
+    // Election answer them).
+    macro_rules! rpc {
+        ($svc:ident, $method:ident) => {
+            unary(&s.$svc, l, |s, r| async move { s.$method(r).await })
+        };
+        ($svc:ident, $method:ident, recipe) => {
+            unary(&s.$svc, l, |s, r| async move { recipe(s.$method(r).await) })
+        };
+    }
     let mut r = Router::new()
-        .route(
-            "/kv/range",
-            unary(&s.kv, l, |s, r| async move { s.range(r).await }),
-        )
-        .route(
-            "/kv/put",
-            unary(&s.kv, l, |s, r| async move { s.put(r).await }),
-        )
-        .route(
-            "/kv/deleterange",
-            unary(&s.kv, l, |s, r| async move { s.delete_range(r).await }),
-        )
-        .route(
-            "/kv/txn",
-            unary(&s.kv, l, |s, r| async move { s.txn(r).await }),
-        )
-        .route(
-            "/kv/compaction",
-            unary(&s.kv, l, |s, r| async move { s.compact(r).await }),
-        )
+        .route("/kv/range", rpc!(kv, range))
+        .route("/kv/put", rpc!(kv, put))
+        .route("/kv/deleterange", rpc!(kv, delete_range))
+        .route("/kv/txn", rpc!(kv, txn))
+        .route("/kv/compaction", rpc!(kv, compact))
         .route("/watch", watch(&s.watch, l))
-        .route(
-            "/lease/grant",
-            unary(&s.lease, l, |s, r| async move { s.lease_grant(r).await }),
-        )
+        .route("/lease/grant", rpc!(lease, lease_grant))
         .route("/lease/keepalive", keep_alive(&s.lease, l))
-        .route(
-            "/maintenance/alarm",
-            unary(&s.maintenance, l, |s, r| async move { s.alarm(r).await }),
-        )
-        .route(
-            "/maintenance/status",
-            unary(&s.maintenance, l, |s, r| async move { s.status(r).await }),
-        )
-        .route(
-            "/maintenance/defragment",
-            unary(
-                &s.maintenance,
-                l,
-                |s, r| async move { s.defragment(r).await },
-            ),
-        )
-        .route(
-            "/maintenance/hash",
-            unary(&s.maintenance, l, |s, r| async move { s.hash(r).await }),
-        )
-        .route(
-            "/maintenance/hashkv",
-            unary(&s.maintenance, l, |s, r| async move { s.hash_kv(r).await }),
-        )
+        .route("/maintenance/alarm", rpc!(maintenance, alarm))
+        .route("/maintenance/status", rpc!(maintenance, status))
+        .route("/maintenance/defragment", rpc!(maintenance, defragment))
+        .route("/maintenance/hash", rpc!(maintenance, hash))
+        .route("/maintenance/hashkv", rpc!(maintenance, hash_kv))
         .route(
             "/maintenance/snapshot",
             server_stream(&s.maintenance, l, |s, r| async move {
@@ -148,110 +121,35 @@ fn api(s: &Services, limits: Limits) -> Router {
         )
         .route(
             "/maintenance/transfer-leadership",
-            unary(
-                &s.maintenance,
-                l,
-                |s, r| async move { s.move_leader(r).await },
-            ),
+            rpc!(maintenance, move_leader),
         )
-        .route(
-            "/cluster/member/add",
-            unary(&s.cluster, l, |s, r| async move { s.member_add(r).await }),
-        )
-        .route(
-            "/cluster/member/remove",
-            unary(
-                &s.cluster,
-                l,
-                |s, r| async move { s.member_remove(r).await },
-            ),
-        )
-        .route(
-            "/cluster/member/update",
-            unary(
-                &s.cluster,
-                l,
-                |s, r| async move { s.member_update(r).await },
-            ),
-        )
-        .route(
-            "/cluster/member/list",
-            unary(&s.cluster, l, |s, r| async move { s.member_list(r).await }),
-        )
-        .route(
-            "/cluster/member/promote",
-            unary(
-                &s.cluster,
-                l,
-                |s, r| async move { s.member_promote(r).await },
-            ),
-        )
-        .route(
-            "/lock/lock",
-            unary(&s.lock, l, |s, r| async move { recipe(s.lock(r).await) }),
-        )
-        .route(
-            "/lock/unlock",
-            unary(&s.lock, l, |s, r| async move { recipe(s.unlock(r).await) }),
-        )
-        .route(
-            "/election/campaign",
-            unary(
-                &s.election,
-                l,
-                |s, r| async move { recipe(s.campaign(r).await) },
-            ),
-        )
-        .route(
-            "/election/proclaim",
-            unary(
-                &s.election,
-                l,
-                |s, r| async move { recipe(s.proclaim(r).await) },
-            ),
-        )
-        .route(
-            "/election/leader",
-            unary(
-                &s.election,
-                l,
-                |s, r| async move { recipe(s.leader(r).await) },
-            ),
-        )
+        .route("/cluster/member/add", rpc!(cluster, member_add))
+        .route("/cluster/member/remove", rpc!(cluster, member_remove))
+        .route("/cluster/member/update", rpc!(cluster, member_update))
+        .route("/cluster/member/list", rpc!(cluster, member_list))
+        .route("/cluster/member/promote", rpc!(cluster, member_promote))
+        .route("/lock/lock", rpc!(lock, lock, recipe))
+        .route("/lock/unlock", rpc!(lock, unlock, recipe))
+        .route("/election/campaign", rpc!(election, campaign, recipe))
+        .route("/election/proclaim", rpc!(election, proclaim, recipe))
+        .route("/election/leader", rpc!(election, leader, recipe))
         .route(
             "/election/observe",
             server_stream(&s.election, l, |s, r| async move {
                 recipe(s.observe(r).await.map(|a| a.into_inner()))
             }),
         )
-        .route(
-            "/election/resign",
-            unary(
-                &s.election,
-                l,
-                |s, r| async move { recipe(s.resign(r).await) },
-            ),
-        );
+        .route("/election/resign", rpc!(election, resign, recipe));
     // Revoke, time-to-live and the lease list answer under /kv/lease/ too (etcd's
     // additional bindings, from when leases lived under the KV service).
     for base in ["/lease", "/kv/lease"] {
         r = r
-            .route(
-                &format!("{base}/revoke"),
-                unary(&s.lease, l, |s, r| async move { s.lease_revoke(r).await }),
-            )
+            .route(&format!("{base}/revoke"), rpc!(lease, lease_revoke))
             .route(
                 &format!("{base}/timetolive"),
-                unary(
-                    &s.lease,
-                    l,
-                    |s, r| async move { s.lease_time_to_live(r).await },
-                ),
+                rpc!(lease, lease_time_to_live),
             )
-            .route(
-                &format!("{base}/leases"),
-                unary(&s.lease, l, |s, r| async move { s.lease_leases(r).await }),
-            );
+            .route(&format!("{base}/leases"), rpc!(lease, lease_leases));
     }
     for (path, rpc) in AUTH_PATHS {
         let status = crate::Error::Unimplemented(format!(
