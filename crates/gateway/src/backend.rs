@@ -4,24 +4,34 @@
 
 use concord_proto::etcdserverpb::*;
 
+use crate::auth::Caller;
 use crate::error::Result;
 
 /// The KV service's backend. Requests arrive already checked (keys present, options
-/// valid, txn ops within limits and free of duplicate keys).
+/// valid, txn ops within limits and free of duplicate keys), with the [`Caller`] whose
+/// permissions the backend checks (every method of every backend that takes one).
 #[tonic::async_trait]
 pub trait KvBackend: Send + Sync + 'static {
-    async fn range(&self, req: RangeRequest) -> Result<RangeResponse>;
-    async fn put(&self, req: PutRequest) -> Result<PutResponse>;
-    async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse>;
-    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse>;
-    async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse>;
+    async fn range(&self, c: &Caller, req: RangeRequest) -> Result<RangeResponse>;
+    async fn put(&self, c: &Caller, req: PutRequest) -> Result<PutResponse>;
+    async fn delete_range(
+        &self,
+        c: &Caller,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse>;
+    async fn txn(&self, c: &Caller, req: TxnRequest) -> Result<TxnResponse>;
+    async fn compact(&self, c: &Caller, req: CompactionRequest) -> Result<CompactionResponse>;
 }
 
 /// The Lease service's backend.
 #[tonic::async_trait]
 pub trait LeaseBackend: Send + Sync + 'static {
-    async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse>;
-    async fn lease_revoke(&self, req: LeaseRevokeRequest) -> Result<LeaseRevokeResponse>;
+    async fn lease_grant(&self, c: &Caller, req: LeaseGrantRequest) -> Result<LeaseGrantResponse>;
+    async fn lease_revoke(
+        &self,
+        c: &Caller,
+        req: LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse>;
     /// One renewal. An unknown lease is not an error: it answers TTL 0. `forwarded`:
     /// another member sent this call here believing this member leads.
     async fn lease_keep_alive(
@@ -32,10 +42,15 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// An unknown lease is not an error: it answers TTL -1.
     async fn lease_time_to_live(
         &self,
+        c: &Caller,
         req: LeaseTimeToLiveRequest,
         forwarded: bool,
     ) -> Result<LeaseTimeToLiveResponse>;
-    async fn lease_leases(&self, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse>;
+    async fn lease_leases(
+        &self,
+        c: &Caller,
+        req: LeaseLeasesRequest,
+    ) -> Result<LeaseLeasesResponse>;
 }
 
 /// The Maintenance service's backend. Only `status` and `alarm` are required; the
@@ -43,29 +58,33 @@ pub trait LeaseBackend: Send + Sync + 'static {
 #[tonic::async_trait]
 pub trait MaintenanceBackend: Send + Sync + 'static {
     async fn status(&self) -> Result<StatusResponse>;
-    async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse>;
+    async fn alarm(&self, c: &Caller, req: AlarmRequest) -> Result<AlarmResponse>;
 
-    async fn hash(&self, _req: HashRequest) -> Result<HashResponse> {
+    async fn hash(&self, _c: &Caller, _req: HashRequest) -> Result<HashResponse> {
         Err(not_offered("Maintenance.Hash"))
     }
 
-    async fn hash_kv(&self, _req: HashKvRequest) -> Result<HashKvResponse> {
+    async fn hash_kv(&self, _c: &Caller, _req: HashKvRequest) -> Result<HashKvResponse> {
         Err(not_offered("Maintenance.HashKV"))
     }
 
     /// Answers once the defragmentation is done; must not stall other requests.
-    async fn defragment(&self, _req: DefragmentRequest) -> Result<DefragmentResponse> {
+    async fn defragment(&self, _c: &Caller, _req: DefragmentRequest) -> Result<DefragmentResponse> {
         Err(not_offered("Maintenance.Defragment"))
     }
 
     /// Answers once `target_id` leads (etcd waits for it).
-    async fn move_leader(&self, _req: MoveLeaderRequest) -> Result<MoveLeaderResponse> {
+    async fn move_leader(
+        &self,
+        _c: &Caller,
+        _req: MoveLeaderRequest,
+    ) -> Result<MoveLeaderResponse> {
         Err(not_offered("Maintenance.MoveLeader"))
     }
 
     /// A consistent image of the member's state for `Snapshot`. The gateway streams
     /// it in chunks and appends etcd's trailing SHA-256 of the streamed bytes.
-    async fn snapshot(&self) -> Result<SnapshotImage> {
+    async fn snapshot(&self, _c: &Caller) -> Result<SnapshotImage> {
         Err(not_offered("Maintenance.Snapshot"))
     }
 }
@@ -95,11 +114,23 @@ fn not_offered(rpc: &str) -> crate::Error {
 /// The parts of the Cluster service a backend provides.
 #[tonic::async_trait]
 pub trait ClusterBackend: Send + Sync + 'static {
-    async fn member_list(&self, req: MemberListRequest) -> Result<MemberListResponse>;
-    async fn member_add(&self, req: MemberAddRequest) -> Result<MemberAddResponse>;
-    async fn member_remove(&self, req: MemberRemoveRequest) -> Result<MemberRemoveResponse>;
-    async fn member_update(&self, req: MemberUpdateRequest) -> Result<MemberUpdateResponse>;
-    async fn member_promote(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse>;
+    async fn member_list(&self, c: &Caller, req: MemberListRequest) -> Result<MemberListResponse>;
+    async fn member_add(&self, c: &Caller, req: MemberAddRequest) -> Result<MemberAddResponse>;
+    async fn member_remove(
+        &self,
+        c: &Caller,
+        req: MemberRemoveRequest,
+    ) -> Result<MemberRemoveResponse>;
+    async fn member_update(
+        &self,
+        c: &Caller,
+        req: MemberUpdateRequest,
+    ) -> Result<MemberUpdateResponse>;
+    async fn member_promote(
+        &self,
+        c: &Caller,
+        req: MemberPromoteRequest,
+    ) -> Result<MemberPromoteResponse>;
 }
 
 /// Answers the HTTP health endpoints. `Ok` is healthy; the error says why not.
@@ -114,7 +145,8 @@ pub trait HealthBackend: Send + Sync + 'static {
     }
 }
 
-/// One client's watch stream, opened by [`WatchBackend::open_watch`]. Requests arrive
+/// One client's watch stream, opened by [`WatchBackend::open_watch`] for one caller
+/// (a watcher on keys the caller may not read is cancelled at creation). Requests arrive
 /// as etcd sends them; every answer (created, events, progress, cancelled) comes out of
 /// [`WatchSession::next`] in the order the client must see it. Dropping the session
 /// cancels its watchers.
@@ -134,7 +166,7 @@ pub trait WatchSession: Send + Sync + 'static {
 
 /// The Watch service's backend.
 pub trait WatchBackend: Send + Sync + 'static {
-    fn open_watch(&self) -> Result<Box<dyn WatchSession>>;
+    fn open_watch(&self, c: Caller) -> Result<Box<dyn WatchSession>>;
 
     /// Whether this member knows a leader. Streams of clients that send etcd's
     /// `hasleader` metadata (clientv3 `WithRequireLeader`) are refused without one,

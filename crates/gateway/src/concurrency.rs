@@ -19,10 +19,54 @@ use concord_proto::mvccpb::{KeyValue, event::EventType};
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::backend::{KvBackend, LeaseBackend, WatchBackend};
-use crate::error::Error;
+use crate::auth::Caller;
+use crate::backend::{KvBackend, LeaseBackend, WatchBackend, WatchSession};
+use crate::error::{Error, Result as ApiResult};
 use crate::kv::txn_writes;
 use crate::validate::{Limits, check_range, check_txn};
+
+/// A recipe's backends with the caller of the Lock or Election request: every call the
+/// recipe makes is made as that caller, so it gets that caller's permissions.
+pub(crate) struct As<B: ?Sized> {
+    backend: Arc<B>,
+    caller: Caller,
+}
+
+impl<B: ?Sized> As<B> {
+    pub(crate) fn new(backend: Arc<B>, caller: Caller) -> Arc<Self> {
+        Arc::new(Self { backend, caller })
+    }
+}
+
+impl<B: KvBackend + ?Sized> As<B> {
+    pub(crate) async fn txn(&self, t: TxnRequest) -> ApiResult<TxnResponse> {
+        self.backend.txn(&self.caller, t).await
+    }
+    pub(crate) async fn range(&self, r: RangeRequest) -> ApiResult<RangeResponse> {
+        self.backend.range(&self.caller, r).await
+    }
+    pub(crate) async fn delete_range(
+        &self,
+        d: DeleteRangeRequest,
+    ) -> ApiResult<concord_proto::etcdserverpb::DeleteRangeResponse> {
+        self.backend.delete_range(&self.caller, d).await
+    }
+}
+
+impl<B: LeaseBackend + ?Sized> As<B> {
+    async fn lease_grant(
+        &self,
+        g: LeaseGrantRequest,
+    ) -> ApiResult<concord_proto::etcdserverpb::LeaseGrantResponse> {
+        self.backend.lease_grant(&self.caller, g).await
+    }
+}
+
+impl<B: WatchBackend + ?Sized> As<B> {
+    pub(crate) fn open_watch(&self) -> ApiResult<Box<dyn WatchSession>> {
+        self.backend.open_watch(self.caller.clone())
+    }
+}
 
 /// `election: not leader` (`concurrency.ErrElectionNotLeader`).
 pub(crate) const NOT_LEADER: &str = "election: not leader";
@@ -65,7 +109,7 @@ pub(crate) const SESSION_TTL: i64 = 60;
 /// for the request and never keeps it alive, so such a key goes away a minute later
 /// unless the caller deletes it first.
 pub(crate) async fn session<B: LeaseBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     lease: i64,
 ) -> Result<Session, Status> {
     if lease != 0 {
@@ -203,7 +247,7 @@ pub(crate) fn header_of(h: &Option<ResponseHeader>) -> ResponseHeader {
 
 /// A txn with the checks the KV service makes (the request comes from a client).
 pub(crate) async fn txn<B: KvBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     limits: &Limits,
     t: TxnRequest,
 ) -> Result<TxnResponse, Status> {
@@ -216,7 +260,7 @@ pub(crate) async fn txn<B: KvBackend + ?Sized>(
 
 /// A linearizable range with the KV service's checks.
 pub(crate) async fn range<B: KvBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     r: RangeRequest,
 ) -> Result<RangeResponse, Status> {
     check_range(&r).map_err(etcd)?;
@@ -226,7 +270,7 @@ pub(crate) async fn range<B: KvBackend + ?Sized>(
 /// Waits until `key` is deleted at or after `revision` (etcd's `waitDelete`). The
 /// watch is cancelled when this returns or is dropped.
 async fn wait_delete<B: WatchBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     key: Vec<u8>,
     revision: i64,
 ) -> Result<(), Status> {
@@ -264,7 +308,7 @@ async fn wait_delete<B: WatchBackend + ?Sized>(
 /// gone (etcd's `waitDeletes`): the newest such key is waited on until it is deleted,
 /// then the next; returns the header of the read that found none left.
 pub(crate) async fn wait_deletes<B: KvBackend + WatchBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     pfx: &[u8],
     max_create_revision: i64,
 ) -> Result<ResponseHeader, Status> {
@@ -281,12 +325,12 @@ pub(crate) async fn wait_deletes<B: KvBackend + WatchBackend + ?Sized>(
 /// Undoes a half-done request: the txn runs when [`Cleanup::run`] is called, or in the
 /// background if the guard is dropped armed (the client went away while it waited).
 pub(crate) struct Cleanup<B: KvBackend + ?Sized> {
-    backend: Arc<B>,
+    backend: Arc<As<B>>,
     undo: Option<TxnRequest>,
 }
 
 impl<B: KvBackend + ?Sized> Cleanup<B> {
-    pub(crate) fn new(backend: Arc<B>, undo: TxnRequest) -> Self {
+    pub(crate) fn new(backend: Arc<As<B>>, undo: TxnRequest) -> Self {
         Self {
             backend,
             undo: Some(undo),

@@ -22,9 +22,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{AuthBackend, caller_of};
 use crate::backend::{KvBackend, LeaseBackend, WatchBackend};
 use crate::concurrency::{
-    Cleanup, MISSING_LEADER, NO_LEADER, NOT_LEADER, created_at, etcd, first_created, get,
+    As, Cleanup, MISSING_LEADER, NO_LEADER, NOT_LEADER, created_at, etcd, first_created, get,
     header_of, op_delete, op_put, op_range, prefix, prefix_end, range, range_kvs, recipe_error,
     session, session_key, txn, wait_deletes,
 };
@@ -34,12 +35,25 @@ use crate::validate::Limits;
 /// Serves Election over a backend with KV, Watch and Lease.
 pub struct ElectionService<B: ?Sized> {
     backend: Arc<B>,
+    auth: Arc<dyn AuthBackend>,
     limits: Limits,
 }
 
 impl<B: ?Sized> ElectionService<B> {
-    pub fn new(backend: Arc<B>, limits: Limits) -> Self {
-        Self { backend, limits }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>, limits: Limits) -> Self {
+        Self {
+            backend,
+            auth,
+            limits,
+        }
+    }
+
+    /// The backends as the request's caller.
+    async fn as_caller<T>(&self, req: &Request<T>) -> Result<Arc<As<B>>, Status> {
+        Ok(As::new(
+            self.backend.clone(),
+            caller_of(&*self.auth, req).await?,
+        ))
     }
 }
 
@@ -66,17 +80,13 @@ fn resign_txn(key: &[u8], rev: i64) -> TxnRequest {
 impl<B: KvBackend + WatchBackend + ?Sized> ElectionService<B> {
     async fn proclaim_as(
         &self,
+        backend: &As<B>,
         key: &[u8],
         rev: i64,
         lease: i64,
         value: Vec<u8>,
     ) -> Result<ResponseHeader, Status> {
-        let resp = txn(
-            &*self.backend,
-            &self.limits,
-            proclaim_txn(key, rev, lease, value),
-        )
-        .await?;
+        let resp = txn(backend, &self.limits, proclaim_txn(key, rev, lease, value)).await?;
         if !resp.succeeded {
             return Err(recipe_error(NOT_LEADER));
         }
@@ -92,9 +102,10 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let as_caller = self.as_caller(&req).await?;
+        let backend = &*as_caller;
         let CampaignRequest { name, lease, value } = req.into_inner();
         let pfx = prefix(&name);
-        let backend = &*self.backend;
         let s = session(backend, lease).await?;
         let key = session_key(&pfx, &s);
         let resp = txn(
@@ -119,7 +130,7 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
             };
             let rev = kv.create_revision;
             if kv.value != value
-                && let Err(e) = self.proclaim_as(&key, rev, s.lease, value).await
+                && let Err(e) = self.proclaim_as(backend, &key, rev, s.lease, value).await
             {
                 let _ = backend.txn(resign_txn(&key, rev)).await;
                 return Err(e);
@@ -129,7 +140,7 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
 
         // A client that stops waiting withdraws its candidacy; other errors leave the
         // key in place, as etcd does.
-        let mut withdraw = Cleanup::new(self.backend.clone(), resign_txn(&key, rev));
+        let mut withdraw = Cleanup::new(as_caller.clone(), resign_txn(&key, rev));
         let waited = wait_deletes(backend, &pfx, rev - 1).await;
         withdraw.disarm();
         waited?;
@@ -148,12 +159,13 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let backend = self.as_caller(&req).await?;
         let ProclaimRequest { leader, value } = req.into_inner();
         let leader = leader.ok_or_else(|| recipe_error(MISSING_LEADER))?;
         // Lease 0 gets a new lease here too, and the key is put with it, as in etcd.
-        let s = session(&*self.backend, leader.lease).await?;
+        let s = session(&backend, leader.lease).await?;
         let header = self
-            .proclaim_as(&leader.key, leader.rev, s.lease, value)
+            .proclaim_as(&backend, &leader.key, leader.rev, s.lease, value)
             .await?;
         Ok(Response::new(ProclaimResponse {
             header: Some(header),
@@ -164,8 +176,9 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        let backend = self.as_caller(&req).await?;
         let pfx = prefix(&req.into_inner().name);
-        let resp = range(&*self.backend, first_created(&pfx)).await?;
+        let resp = range(&backend, first_created(&pfx)).await?;
         let Some(kv) = resp.kvs.into_iter().next() else {
             return Err(recipe_error(NO_LEADER));
         };
@@ -179,9 +192,9 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<ObserveStream>, Status> {
+        let backend = self.as_caller(&req).await?;
         let pfx = prefix(&req.into_inner().name);
         let (tx, rx) = mpsc::channel(16);
-        let backend = self.backend.clone();
         tokio::spawn(async move {
             let closed = tx.clone();
             // Everything the observer holds (watches above all) goes when the client
@@ -198,18 +211,14 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let backend = self.as_caller(&req).await?;
         let leader = req
             .into_inner()
             .leader
             .ok_or_else(|| recipe_error(MISSING_LEADER))?;
         // Not being the leader (any more) is no error: the txn just does nothing. (etcd
         // also grants a lease here for lease 0, which nothing uses; that is skipped.)
-        let resp = txn(
-            &*self.backend,
-            &self.limits,
-            resign_txn(&leader.key, leader.rev),
-        )
-        .await?;
+        let resp = txn(&backend, &self.limits, resign_txn(&leader.key, leader.rev)).await?;
         Ok(Response::new(ResignResponse {
             header: resp.header,
         }))
@@ -221,7 +230,7 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Election for ElectionS
 /// key put under the prefix. Ends (the stream closes without an error, as etcd's does)
 /// when a read fails or a watch is lost.
 async fn observe<B: KvBackend + WatchBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     pfx: &[u8],
     tx: &mpsc::Sender<Result<LeaderResponse, Status>>,
 ) {
@@ -283,7 +292,7 @@ async fn observe<B: KvBackend + WatchBackend + ?Sized>(
 /// The first key put under the prefix from `revision` on, with a header at its
 /// revision; `None` if the watch fails.
 async fn first_put<B: WatchBackend + ?Sized>(
-    backend: &B,
+    backend: &As<B>,
     pfx: &[u8],
     revision: i64,
 ) -> Option<(ResponseHeader, KeyValue)> {

@@ -71,6 +71,40 @@ pub enum Error {
     /// it, so clients get code `Unknown` with this text.
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     /// An RPC this server does not offer (yet); the text names it.
     #[error("{0}")]
     Unimplemented(String),
@@ -85,7 +119,10 @@ impl Error {
         use Error::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | InvalidSortOption | RequestTooLarge | MemberBadUrls => Code::InvalidArgument,
+            | InvalidSortOption | RequestTooLarge | MemberBadUrls | UserEmpty | RoleEmpty
+            | AuthFailed | InvalidAuthMgmt | AuthOldRevision | PermissionNotGiven => {
+                Code::InvalidArgument
+            }
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -97,7 +134,18 @@ impl Error {
             | MemberNotLearner
             | LearnerNotReady
             | TooManyLearners
-            | NotEnoughStartedMembers => Code::FailedPrecondition,
+            | NotEnoughStartedMembers
+            | RootUserNotExist
+            | RootRoleNotExist
+            | UserAlreadyExist
+            | UserNotFound
+            | RoleAlreadyExist
+            | RoleNotFound
+            | RoleNotGranted
+            | PermissionNotGranted
+            | AuthNotEnabled => Code::FailedPrecondition,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
             Corrupt => Code::DataLoss,
             Unimplemented(_) => Code::Unimplemented,
@@ -143,6 +191,23 @@ const CODED: &[(&str, Error)] = &[
     ("corrupt", Error::Corrupt),
     ("bad-leader-transferee", Error::BadLeaderTransferee),
     ("leader-transfer-timeout", Error::LeaderTransferTimeout),
+    ("root-user-not-exist", Error::RootUserNotExist),
+    ("root-role-not-exist", Error::RootRoleNotExist),
+    ("user-already-exist", Error::UserAlreadyExist),
+    ("user-empty", Error::UserEmpty),
+    ("user-not-found", Error::UserNotFound),
+    ("role-already-exist", Error::RoleAlreadyExist),
+    ("role-not-found", Error::RoleNotFound),
+    ("role-empty", Error::RoleEmpty),
+    ("auth-failed", Error::AuthFailed),
+    ("permission-denied", Error::PermissionDenied),
+    ("role-not-granted", Error::RoleNotGranted),
+    ("permission-not-granted", Error::PermissionNotGranted),
+    ("permission-not-given", Error::PermissionNotGiven),
+    ("auth-not-enabled", Error::AuthNotEnabled),
+    ("invalid-auth-token", Error::InvalidAuthToken),
+    ("invalid-auth-mgmt", Error::InvalidAuthMgmt),
+    ("auth-old-revision", Error::AuthOldRevision),
 ];
 
 impl Error {

@@ -18,6 +18,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{AuthBackend, caller_of};
 use crate::backend::LeaseBackend;
 
 /// gRPC metadata a member sets when it forwards a lease call to the member it believes
@@ -27,11 +28,12 @@ pub const FORWARDED_KEY: &str = "concord-forwarded";
 /// Serves Lease over any [`LeaseBackend`].
 pub struct LeaseService<B: ?Sized> {
     backend: Arc<B>,
+    auth: Arc<dyn AuthBackend>,
 }
 
 impl<B: ?Sized> LeaseService<B> {
-    pub fn new(backend: Arc<B>) -> Self {
-        Self { backend }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>) -> Self {
+        Self { backend, auth }
     }
 }
 
@@ -48,8 +50,9 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.lease_grant(req.into_inner()).await?,
+            self.backend.lease_grant(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -57,8 +60,9 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.lease_revoke(req.into_inner()).await?,
+            self.backend.lease_revoke(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -77,9 +81,10 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let hop = forwarded(req.metadata());
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
             self.backend
-                .lease_time_to_live(req.into_inner(), hop)
+                .lease_time_to_live(&caller, req.into_inner(), hop)
                 .await?,
         ))
     }
@@ -88,8 +93,9 @@ impl<B: LeaseBackend + ?Sized> Lease for LeaseService<B> {
         &self,
         req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.lease_leases(req.into_inner()).await?,
+            self.backend.lease_leases(&caller, req.into_inner()).await?,
         ))
     }
 }

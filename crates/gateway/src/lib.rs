@@ -22,6 +22,7 @@
 //! by implementing [`KvBackend`], [`WatchBackend`], [`LeaseBackend`], [`MaintenanceBackend`],
 //! [`ClusterBackend`] and [`HealthBackend`].
 
+mod auth;
 mod backend;
 mod concurrency;
 mod election;
@@ -41,13 +42,14 @@ use std::sync::Arc;
 
 use concord_proto::etcdserverpb;
 use concord_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use concord_proto::grpc::health::v1::health_server::HealthServer;
 use concord_proto::v3electionpb::election_server::ElectionServer;
 use concord_proto::v3lockpb::lock_server::LockServer;
 
+pub use auth::{AuthBackend, AuthService, Caller, ClientCertificate, Credentials, credentials};
 pub use backend::{
     ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, SnapshotImage,
     WatchBackend, WatchSession,
@@ -68,11 +70,23 @@ pub use watch::{WatchService, create_filters, fragments};
 
 /// Everything a backend must provide to be served by [`router`].
 pub trait Backend:
-    KvBackend + WatchBackend + LeaseBackend + MaintenanceBackend + ClusterBackend + HealthBackend
+    KvBackend
+    + WatchBackend
+    + LeaseBackend
+    + MaintenanceBackend
+    + ClusterBackend
+    + HealthBackend
+    + AuthBackend
 {
 }
 impl<
-    T: KvBackend + WatchBackend + LeaseBackend + MaintenanceBackend + ClusterBackend + HealthBackend,
+    T: KvBackend
+        + WatchBackend
+        + LeaseBackend
+        + MaintenanceBackend
+        + ClusterBackend
+        + HealthBackend
+        + AuthBackend,
 > Backend for T
 {
 }
@@ -87,6 +101,8 @@ pub struct Backends {
     pub maintenance: Arc<dyn MaintenanceBackend>,
     pub cluster: Arc<dyn ClusterBackend>,
     pub health: Arc<dyn HealthBackend>,
+    /// Resolves every call's credentials, and serves the Auth service.
+    pub auth: Arc<dyn AuthBackend>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -104,7 +120,8 @@ impl Backends {
             lease: backend.clone(),
             maintenance: backend.clone(),
             cluster: backend.clone(),
-            health: backend,
+            health: backend.clone(),
+            auth: backend,
         }
     }
 
@@ -128,14 +145,16 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
 pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
     let max = limits.max_grpc_message();
     let recipes = b.recipes();
+    let auth = &b.auth;
     let services = rest::Services {
-        kv: Arc::new(KvService::new(b.kv.clone(), limits)),
-        watch: Arc::new(WatchService::new(b.watch.clone(), limits)),
-        lease: Arc::new(LeaseService::new(b.lease.clone())),
-        maintenance: Arc::new(MaintenanceService::new(b.maintenance.clone())),
-        cluster: Arc::new(ClusterService::new(b.cluster.clone())),
-        lock: Arc::new(LockService::new(recipes.clone(), limits)),
-        election: Arc::new(ElectionService::new(recipes, limits)),
+        kv: Arc::new(KvService::new(b.kv.clone(), auth.clone(), limits)),
+        watch: Arc::new(WatchService::new(b.watch.clone(), auth.clone(), limits)),
+        lease: Arc::new(LeaseService::new(b.lease.clone(), auth.clone())),
+        maintenance: Arc::new(MaintenanceService::new(b.maintenance.clone(), auth.clone())),
+        cluster: Arc::new(ClusterService::new(b.cluster.clone(), auth.clone())),
+        lock: Arc::new(LockService::new(recipes.clone(), auth.clone(), limits)),
+        election: Arc::new(ElectionService::new(recipes, auth.clone(), limits)),
+        auth: Arc::new(AuthService::new(auth.clone())),
     };
     let rest = rest::router(&services, limits);
     let kv = KvServer::from_arc(services.kv).max_decoding_message_size(max);
@@ -147,6 +166,7 @@ pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
     let health = HealthServer::new(HealthService::new(b.health.clone()));
     let lock = LockServer::from_arc(services.lock).max_decoding_message_size(max);
     let election = ElectionServer::from_arc(services.election).max_decoding_message_size(max);
+    let auth = AuthServer::from_arc(services.auth).max_decoding_message_size(max);
     let grpc = tonic::service::Routes::new(kv)
         .add_service(watch)
         .add_service(lease)
@@ -155,6 +175,7 @@ pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
         .add_service(health)
         .add_service(lock)
         .add_service(election)
+        .add_service(auth)
         .into_axum_router();
     grpc.merge(rest)
         .merge(http::router(b.health))
@@ -170,32 +191,46 @@ pub(crate) struct Recipes {
 
 #[tonic::async_trait]
 impl KvBackend for Recipes {
-    async fn range(&self, req: etcdserverpb::RangeRequest) -> Result<etcdserverpb::RangeResponse> {
-        self.kv.range(req).await
+    async fn range(
+        &self,
+        c: &Caller,
+        req: etcdserverpb::RangeRequest,
+    ) -> Result<etcdserverpb::RangeResponse> {
+        self.kv.range(c, req).await
     }
-    async fn put(&self, req: etcdserverpb::PutRequest) -> Result<etcdserverpb::PutResponse> {
-        self.kv.put(req).await
+    async fn put(
+        &self,
+        c: &Caller,
+        req: etcdserverpb::PutRequest,
+    ) -> Result<etcdserverpb::PutResponse> {
+        self.kv.put(c, req).await
     }
     async fn delete_range(
         &self,
+        c: &Caller,
         req: etcdserverpb::DeleteRangeRequest,
     ) -> Result<etcdserverpb::DeleteRangeResponse> {
-        self.kv.delete_range(req).await
+        self.kv.delete_range(c, req).await
     }
-    async fn txn(&self, req: etcdserverpb::TxnRequest) -> Result<etcdserverpb::TxnResponse> {
-        self.kv.txn(req).await
+    async fn txn(
+        &self,
+        c: &Caller,
+        req: etcdserverpb::TxnRequest,
+    ) -> Result<etcdserverpb::TxnResponse> {
+        self.kv.txn(c, req).await
     }
     async fn compact(
         &self,
+        c: &Caller,
         req: etcdserverpb::CompactionRequest,
     ) -> Result<etcdserverpb::CompactionResponse> {
-        self.kv.compact(req).await
+        self.kv.compact(c, req).await
     }
 }
 
 impl WatchBackend for Recipes {
-    fn open_watch(&self) -> Result<Box<dyn WatchSession>> {
-        self.watch.open_watch()
+    fn open_watch(&self, c: Caller) -> Result<Box<dyn WatchSession>> {
+        self.watch.open_watch(c)
     }
     fn has_leader(&self) -> bool {
         self.watch.has_leader()
@@ -209,15 +244,17 @@ impl WatchBackend for Recipes {
 impl LeaseBackend for Recipes {
     async fn lease_grant(
         &self,
+        c: &Caller,
         req: etcdserverpb::LeaseGrantRequest,
     ) -> Result<etcdserverpb::LeaseGrantResponse> {
-        self.lease.lease_grant(req).await
+        self.lease.lease_grant(c, req).await
     }
     async fn lease_revoke(
         &self,
+        c: &Caller,
         req: etcdserverpb::LeaseRevokeRequest,
     ) -> Result<etcdserverpb::LeaseRevokeResponse> {
-        self.lease.lease_revoke(req).await
+        self.lease.lease_revoke(c, req).await
     }
     async fn lease_keep_alive(
         &self,
@@ -228,16 +265,18 @@ impl LeaseBackend for Recipes {
     }
     async fn lease_time_to_live(
         &self,
+        c: &Caller,
         req: etcdserverpb::LeaseTimeToLiveRequest,
         forwarded: bool,
     ) -> Result<etcdserverpb::LeaseTimeToLiveResponse> {
-        self.lease.lease_time_to_live(req, forwarded).await
+        self.lease.lease_time_to_live(c, req, forwarded).await
     }
     async fn lease_leases(
         &self,
+        c: &Caller,
         req: etcdserverpb::LeaseLeasesRequest,
     ) -> Result<etcdserverpb::LeaseLeasesResponse> {
-        self.lease.lease_leases(req).await
+        self.lease.lease_leases(c, req).await
     }
 }
 

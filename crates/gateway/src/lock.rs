@@ -18,10 +18,12 @@ use concord_proto::v3lockpb::{
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{AuthBackend, caller_of};
 use crate::backend::{KvBackend, LeaseBackend, WatchBackend};
 use crate::concurrency::{
-    Cleanup, SESSION_EXPIRED, created_at, etcd, first_created, get, header_of, op_delete, op_put,
-    op_range, prefix, range, range_kvs, recipe_error, session, session_key, txn, wait_deletes,
+    As, Cleanup, SESSION_EXPIRED, created_at, etcd, first_created, get, header_of, op_delete,
+    op_put, op_range, prefix, range, range_kvs, recipe_error, session, session_key, txn,
+    wait_deletes,
 };
 use crate::error::Error;
 use crate::validate::{Limits, check_delete};
@@ -29,21 +31,27 @@ use crate::validate::{Limits, check_delete};
 /// Serves Lock over a backend with KV, Watch and Lease.
 pub struct LockService<B: ?Sized> {
     backend: Arc<B>,
+    auth: Arc<dyn AuthBackend>,
     limits: Limits,
 }
 
 impl<B: ?Sized> LockService<B> {
-    pub fn new(backend: Arc<B>, limits: Limits) -> Self {
-        Self { backend, limits }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>, limits: Limits) -> Self {
+        Self {
+            backend,
+            auth,
+            limits,
+        }
     }
 }
 
 #[tonic::async_trait]
 impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Lock for LockService<B> {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let as_caller = As::new(self.backend.clone(), caller_of(&*self.auth, &req).await?);
+        let backend = &*as_caller;
         let LockRequest { name, lease } = req.into_inner();
         let pfx = prefix(&name);
-        let backend = &*self.backend;
         let s = session(backend, lease).await?;
         let key = session_key(&pfx, &s);
         // Join the line with a new key, or find this lease's key already in it; and read
@@ -81,7 +89,7 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Lock for LockService<B
         // Wait in line. A failed wait, or a client that stops waiting, gives up the place
         // (etcd's Mutex.Lock deletes its key on any error).
         let mut give_up = Cleanup::new(
-            self.backend.clone(),
+            as_caller.clone(),
             TxnRequest {
                 success: vec![op_delete(&key)],
                 ..TxnRequest::default()
@@ -113,13 +121,14 @@ impl<B: KvBackend + WatchBackend + LeaseBackend + ?Sized> Lock for LockService<B
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let backend = As::new(self.backend.clone(), caller_of(&*self.auth, &req).await?);
         let d = DeleteRangeRequest {
             key: req.into_inner().key,
             ..DeleteRangeRequest::default()
         };
         check_delete(&d).map_err(etcd)?;
         self.limits.check_size(d.encoded_len()).map_err(etcd)?;
-        let resp = self.backend.delete_range(d).await.map_err(etcd)?;
+        let resp = backend.delete_range(d).await.map_err(etcd)?;
         Ok(Response::new(UnlockResponse {
             header: resp.header,
         }))

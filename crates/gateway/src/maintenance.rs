@@ -19,6 +19,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{AuthBackend, caller_of};
 use crate::backend::{ClusterBackend, MaintenanceBackend, SnapshotImage};
 use crate::error::Error;
 
@@ -37,11 +38,12 @@ const SNAPSHOT_AHEAD: usize = 16;
 /// Serves Maintenance over any [`MaintenanceBackend`].
 pub struct MaintenanceService<B: ?Sized> {
     backend: Arc<B>,
+    auth: Arc<dyn AuthBackend>,
 }
 
 impl<B: ?Sized> MaintenanceService<B> {
-    pub fn new(backend: Arc<B>) -> Self {
-        Self { backend }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>) -> Self {
+        Self { backend, auth }
     }
 }
 
@@ -103,7 +105,10 @@ fn stream_image(image: SnapshotImage, tx: mpsc::Sender<Result<SnapshotResponse, 
 #[tonic::async_trait]
 impl<B: MaintenanceBackend + ?Sized> Maintenance for MaintenanceService<B> {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        Ok(Response::new(self.backend.alarm(req.into_inner()).await?))
+        let caller = caller_of(&*self.auth, &req).await?;
+        Ok(Response::new(
+            self.backend.alarm(&caller, req.into_inner()).await?,
+        ))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -114,29 +119,37 @@ impl<B: MaintenanceBackend + ?Sized> Maintenance for MaintenanceService<B> {
         &self,
         req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.defragment(req.into_inner()).await?,
+            self.backend.defragment(&caller, req.into_inner()).await?,
         ))
     }
 
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Ok(Response::new(self.backend.hash(req.into_inner()).await?))
+        let caller = caller_of(&*self.auth, &req).await?;
+        Ok(Response::new(
+            self.backend.hash(&caller, req.into_inner()).await?,
+        ))
     }
 
     async fn hash_kv(
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        Ok(Response::new(self.backend.hash_kv(req.into_inner()).await?))
+        let caller = caller_of(&*self.auth, &req).await?;
+        Ok(Response::new(
+            self.backend.hash_kv(&caller, req.into_inner()).await?,
+        ))
     }
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        let image = self.backend.snapshot().await?;
+        let caller = caller_of(&*self.auth, &req).await?;
+        let image = self.backend.snapshot(&caller).await?;
         let (tx, rx) = mpsc::channel(SNAPSHOT_AHEAD);
         tokio::task::spawn_blocking(move || stream_image(image, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -146,8 +159,9 @@ impl<B: MaintenanceBackend + ?Sized> Maintenance for MaintenanceService<B> {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.move_leader(req.into_inner()).await?,
+            self.backend.move_leader(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -162,11 +176,12 @@ impl<B: MaintenanceBackend + ?Sized> Maintenance for MaintenanceService<B> {
 /// Serves Cluster over any [`ClusterBackend`].
 pub struct ClusterService<B: ?Sized> {
     backend: Arc<B>,
+    auth: Arc<dyn AuthBackend>,
 }
 
 impl<B: ?Sized> ClusterService<B> {
-    pub fn new(backend: Arc<B>) -> Self {
-        Self { backend }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>) -> Self {
+        Self { backend, auth }
     }
 }
 
@@ -176,17 +191,21 @@ impl<B: ClusterBackend + ?Sized> Cluster for ClusterService<B> {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         let req = req.into_inner();
         check_peer_urls(&req.peer_ur_ls)?;
-        Ok(Response::new(self.backend.member_add(req).await?))
+        Ok(Response::new(self.backend.member_add(&caller, req).await?))
     }
 
     async fn member_remove(
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.member_remove(req.into_inner()).await?,
+            self.backend
+                .member_remove(&caller, req.into_inner())
+                .await?,
         ))
     }
 
@@ -194,17 +213,21 @@ impl<B: ClusterBackend + ?Sized> Cluster for ClusterService<B> {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         let req = req.into_inner();
         check_peer_urls(&req.peer_ur_ls)?;
-        Ok(Response::new(self.backend.member_update(req).await?))
+        Ok(Response::new(
+            self.backend.member_update(&caller, req).await?,
+        ))
     }
 
     async fn member_list(
         &self,
         req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.member_list(req.into_inner()).await?,
+            self.backend.member_list(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -212,8 +235,11 @@ impl<B: ClusterBackend + ?Sized> Cluster for ClusterService<B> {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let caller = caller_of(&*self.auth, &req).await?;
         Ok(Response::new(
-            self.backend.member_promote(req.into_inner()).await?,
+            self.backend
+                .member_promote(&caller, req.into_inner())
+                .await?,
         ))
     }
 }

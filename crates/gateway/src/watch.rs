@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{AuthBackend, Caller, caller_of};
 use crate::backend::{WatchBackend, WatchSession};
 use crate::error::Error;
 use crate::validate::Limits;
@@ -24,12 +25,17 @@ use crate::validate::Limits;
 /// Serves Watch over any [`WatchBackend`].
 pub struct WatchService<B: ?Sized> {
     backend: Arc<B>,
+    pub(crate) auth: Arc<dyn AuthBackend>,
     limits: Limits,
 }
 
 impl<B: ?Sized> WatchService<B> {
-    pub fn new(backend: Arc<B>, limits: Limits) -> Self {
-        Self { backend, limits }
+    pub fn new(backend: Arc<B>, auth: Arc<dyn AuthBackend>, limits: Limits) -> Self {
+        Self {
+            backend,
+            auth,
+            limits,
+        }
     }
 }
 
@@ -50,7 +56,12 @@ impl<B: WatchBackend + ?Sized> Watch for WatchService<B> {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         let require_leader = require_leader(req.metadata());
-        Ok(Response::new(self.serve(require_leader, req.into_inner())?))
+        let caller = caller_of(&*self.auth, &req).await?;
+        Ok(Response::new(self.serve(
+            caller,
+            require_leader,
+            req.into_inner(),
+        )?))
     }
 }
 
@@ -66,6 +77,7 @@ impl<B: WatchBackend + ?Sized> WatchService<B> {
     /// the returned stream is dropped.
     pub(crate) fn serve<S>(
         &self,
+        caller: Caller,
         require_leader: bool,
         mut inbound: S,
     ) -> Result<WatchStream, Status>
@@ -75,7 +87,7 @@ impl<B: WatchBackend + ?Sized> WatchService<B> {
         if require_leader && !self.backend.has_leader() {
             return Err(Error::NoLeader.into());
         }
-        let session: Arc<dyn WatchSession> = Arc::from(self.backend.open_watch()?);
+        let session: Arc<dyn WatchSession> = Arc::from(self.backend.open_watch(caller)?);
         let (tx, rx) = mpsc::channel::<Result<WatchResponse, Status>>(16);
 
         let reader_session = session.clone();

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use concord_gateway::{
-    ElectionService, Error, KvBackend, LeaseBackend, Limits, LockService, Result, WatchBackend,
-    WatchSession, async_trait,
+    AuthBackend, Caller, Credentials, ElectionService, Error, KvBackend, LeaseBackend, Limits,
+    LockService, Result, WatchBackend, WatchSession, async_trait,
 };
 use concord_proto::etcdserverpb::*;
 use concord_proto::mvccpb::KeyValue;
@@ -29,6 +29,25 @@ struct Fake {
     grants: Mutex<Vec<LeaseGrantRequest>>,
     open_watches: Arc<AtomicUsize>,
     watches_opened: AtomicUsize,
+    /// Who each call of the recipes was made as.
+    callers: Mutex<Vec<Caller>>,
+}
+
+/// The token the tests' calls carry, and the caller it names.
+const TOKEN: &str = "alice-token";
+
+fn alice() -> Caller {
+    Caller {
+        user: Some("alice".into()),
+        revision: 3,
+        token: Some(TOKEN.into()),
+    }
+}
+
+fn as_alice<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("token", TOKEN.parse().unwrap());
+    r
 }
 
 fn header() -> Option<ResponseHeader> {
@@ -60,6 +79,17 @@ impl Fake {
         self.holder.iter().cloned().collect()
     }
 
+    fn called_by(&self, c: &Caller) {
+        self.callers.lock().unwrap().push(c.clone());
+    }
+
+    /// Every call was made as alice.
+    fn only_alice_called(&self) {
+        let callers = self.callers.lock().unwrap();
+        assert!(!callers.is_empty());
+        assert!(callers.iter().all(|c| *c == alice()), "{callers:?}");
+    }
+
     fn deletes(&self) -> Vec<TxnRequest> {
         self.txns
             .lock()
@@ -77,7 +107,8 @@ impl Fake {
 
 #[async_trait]
 impl KvBackend for Fake {
-    async fn range(&self, r: RangeRequest) -> Result<RangeResponse> {
+    async fn range(&self, c: &Caller, r: RangeRequest) -> Result<RangeResponse> {
+        self.called_by(c);
         let kvs = self.older(&r);
         Ok(RangeResponse {
             header: header(),
@@ -87,15 +118,18 @@ impl KvBackend for Fake {
         })
     }
 
-    async fn put(&self, _: PutRequest) -> Result<PutResponse> {
+    async fn put(&self, c: &Caller, _: PutRequest) -> Result<PutResponse> {
+        self.called_by(c);
         Err(Error::Unimplemented("put".into()))
     }
 
-    async fn delete_range(&self, _: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+    async fn delete_range(&self, c: &Caller, _: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        self.called_by(c);
         Err(Error::Unimplemented("delete".into()))
     }
 
-    async fn txn(&self, t: TxnRequest) -> Result<TxnResponse> {
+    async fn txn(&self, c: &Caller, t: TxnRequest) -> Result<TxnResponse> {
+        self.called_by(c);
         self.txns.lock().unwrap().push(t.clone());
         // Every compare holds: the caller's key is new, or still its own.
         let responses = t
@@ -131,14 +165,16 @@ impl KvBackend for Fake {
         })
     }
 
-    async fn compact(&self, _: CompactionRequest) -> Result<CompactionResponse> {
+    async fn compact(&self, c: &Caller, _: CompactionRequest) -> Result<CompactionResponse> {
+        self.called_by(c);
         Err(Error::Unimplemented("compact".into()))
     }
 }
 
 #[async_trait]
 impl LeaseBackend for Fake {
-    async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+    async fn lease_grant(&self, c: &Caller, req: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        self.called_by(c);
         self.grants.lock().unwrap().push(req);
         Ok(LeaseGrantResponse {
             header: header(),
@@ -148,7 +184,8 @@ impl LeaseBackend for Fake {
         })
     }
 
-    async fn lease_revoke(&self, _: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+    async fn lease_revoke(&self, c: &Caller, _: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        self.called_by(c);
         Err(Error::Unimplemented("revoke".into()))
     }
 
@@ -162,13 +199,15 @@ impl LeaseBackend for Fake {
 
     async fn lease_time_to_live(
         &self,
+        _: &Caller,
         _: LeaseTimeToLiveRequest,
         _: bool,
     ) -> Result<LeaseTimeToLiveResponse> {
         Err(Error::Unimplemented("ttl".into()))
     }
 
-    async fn lease_leases(&self, _: LeaseLeasesRequest) -> Result<LeaseLeasesResponse> {
+    async fn lease_leases(&self, c: &Caller, _: LeaseLeasesRequest) -> Result<LeaseLeasesResponse> {
+        self.called_by(c);
         Err(Error::Unimplemented("leases".into()))
     }
 }
@@ -194,7 +233,8 @@ impl WatchSession for Quiet {
 }
 
 impl WatchBackend for Fake {
-    fn open_watch(&self) -> Result<Box<dyn WatchSession>> {
+    fn open_watch(&self, c: Caller) -> Result<Box<dyn WatchSession>> {
+        self.called_by(&c);
         self.open_watches.fetch_add(1, Ordering::SeqCst);
         self.watches_opened.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(Quiet(self.open_watches.clone())))
@@ -209,9 +249,9 @@ async fn settle() {
 #[tokio::test]
 async fn an_abandoned_lock_closes_its_watch_and_leaves_the_line() {
     let fake = Arc::new(Fake::holding());
-    let svc = LockService::new(fake.clone(), Limits::default());
+    let svc = LockService::new(fake.clone(), fake.clone(), Limits::default());
     // Lease 0: the lock gets a 60 s lease of its own, which names its key.
-    let req = Request::new(LockRequest {
+    let req = as_alice(LockRequest {
         name: b"l".to_vec(),
         lease: 0,
     });
@@ -226,6 +266,7 @@ async fn an_abandoned_lock_closes_its_watch_and_leaves_the_line() {
         unreachable!()
     };
     assert_eq!(d.key, b"l/2b");
+    fake.only_alice_called();
     let grants = fake.grants.lock().unwrap();
     assert_eq!(grants.len(), 1);
     assert_eq!((grants[0].ttl, grants[0].id), (60, 0));
@@ -234,8 +275,8 @@ async fn an_abandoned_lock_closes_its_watch_and_leaves_the_line() {
 #[tokio::test]
 async fn an_abandoned_campaign_closes_its_watch_and_withdraws() {
     let fake = Arc::new(Fake::holding());
-    let svc = ElectionService::new(fake.clone(), Limits::default());
-    let req = Request::new(CampaignRequest {
+    let svc = ElectionService::new(fake.clone(), fake.clone(), Limits::default());
+    let req = as_alice(CampaignRequest {
         name: b"e".to_vec(),
         lease: 0x2a,
         value: b"v".to_vec(),
@@ -257,15 +298,16 @@ async fn an_abandoned_campaign_closes_its_watch_and_withdraws() {
         fake.grants.lock().unwrap().is_empty(),
         "its own lease is used"
     );
+    fake.only_alice_called();
 }
 
 #[tokio::test]
 async fn a_dropped_observe_stream_closes_its_watch() {
     for fake in [Fake::holding(), Fake::default()] {
         let fake = Arc::new(fake);
-        let svc = ElectionService::new(fake.clone(), Limits::default());
+        let svc = ElectionService::new(fake.clone(), fake.clone(), Limits::default());
         let stream = svc
-            .observe(Request::new(LeaderRequest {
+            .observe(as_alice(LeaderRequest {
                 name: b"e".to_vec(),
             }))
             .await
@@ -285,5 +327,47 @@ async fn a_dropped_observe_stream_closes_its_watch() {
             fake.txns.lock().unwrap().is_empty(),
             "observing writes nothing"
         );
+        fake.only_alice_called();
     }
+}
+
+/// The Auth RPCs of the fake: it has no auth store.
+macro_rules! no_auth_store {
+    ($($rpc:ident($req:ty) -> $resp:ty;)*) => {
+        #[async_trait]
+        impl AuthBackend for Fake {
+            async fn caller(&self, creds: Credentials<'_>) -> Result<Caller> {
+                match creds.token {
+                    Some(TOKEN) => Ok(alice()),
+                    Some(_) => Err(Error::InvalidAuthToken),
+                    None => Ok(Caller::anonymous()),
+                }
+            }
+            async fn authenticate(&self, _: AuthenticateRequest) -> Result<AuthenticateResponse> {
+                Err(Error::AuthNotEnabled)
+            }
+            $(async fn $rpc(&self, _: &Caller, _: $req) -> Result<$resp> {
+                Err(Error::AuthNotEnabled)
+            })*
+        }
+    };
+}
+
+no_auth_store! {
+    auth_enable(AuthEnableRequest) -> AuthEnableResponse;
+    auth_disable(AuthDisableRequest) -> AuthDisableResponse;
+    auth_status(AuthStatusRequest) -> AuthStatusResponse;
+    user_add(AuthUserAddRequest) -> AuthUserAddResponse;
+    user_get(AuthUserGetRequest) -> AuthUserGetResponse;
+    user_list(AuthUserListRequest) -> AuthUserListResponse;
+    user_delete(AuthUserDeleteRequest) -> AuthUserDeleteResponse;
+    user_change_password(AuthUserChangePasswordRequest) -> AuthUserChangePasswordResponse;
+    user_grant_role(AuthUserGrantRoleRequest) -> AuthUserGrantRoleResponse;
+    user_revoke_role(AuthUserRevokeRoleRequest) -> AuthUserRevokeRoleResponse;
+    role_add(AuthRoleAddRequest) -> AuthRoleAddResponse;
+    role_get(AuthRoleGetRequest) -> AuthRoleGetResponse;
+    role_list(AuthRoleListRequest) -> AuthRoleListResponse;
+    role_delete(AuthRoleDeleteRequest) -> AuthRoleDeleteResponse;
+    role_grant_permission(AuthRoleGrantPermissionRequest) -> AuthRoleGrantPermissionResponse;
+    role_revoke_permission(AuthRoleRevokePermissionRequest) -> AuthRoleRevokePermissionResponse;
 }

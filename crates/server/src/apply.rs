@@ -18,6 +18,7 @@ use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 
 use crate::alarm::Alarms;
+use crate::auth::{AuthChange, AuthError, AuthStore, Requester};
 use crate::convert;
 use crate::lease::{self, Lessor};
 use crate::membership::Membership;
@@ -32,6 +33,45 @@ const TAG_LEASE_CHECKPOINT: u8 = 7;
 const TAG_MEMBER_UPDATE: u8 = 8;
 /// Maintenance commands are numbered from 16 on.
 const TAG_ALARM: u8 = 16;
+/// Auth store changes are numbered from 32 on.
+const TAG_AUTH_ENABLE: u8 = 32;
+const TAG_AUTH_DISABLE: u8 = 33;
+const TAG_AUTHENTICATE: u8 = 34;
+const TAG_USER_ADD: u8 = 35;
+const TAG_USER_DELETE: u8 = 36;
+const TAG_USER_CHANGE_PASSWORD: u8 = 37;
+const TAG_USER_GRANT_ROLE: u8 = 38;
+const TAG_USER_REVOKE_ROLE: u8 = 39;
+const TAG_ROLE_ADD: u8 = 40;
+const TAG_ROLE_DELETE: u8 = 41;
+const TAG_ROLE_GRANT_PERMISSION: u8 = 42;
+const TAG_ROLE_REVOKE_PERMISSION: u8 = 43;
+/// A client's command with the user and auth revision it was proposed with.
+const TAG_AS: u8 = 48;
+
+/// The body of a [`TAG_AS`] command.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AsUser {
+    #[prost(string, tag = "1")]
+    user: String,
+    #[prost(uint64, tag = "2")]
+    revision: u64,
+    /// The command, encoded (never another `As`).
+    #[prost(bytes = "vec", tag = "3")]
+    command: Vec<u8>,
+}
+
+/// The body of a [`TAG_AUTHENTICATE`] command (no password: it was checked by the
+/// proposer).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Authenticate {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    token_prefix: String,
+    #[prost(uint64, tag = "3")]
+    revision: u64,
+}
 
 /// A write as it travels through the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +90,12 @@ pub enum Command {
     /// Alarm GET, ACTIVATE or DEACTIVATE (through the log, as etcd, so every member
     /// lists the same alarms).
     Alarm(pb::AlarmRequest),
+    /// A change of the auth store.
+    Auth(AuthChange),
+    /// A client's command with who proposed it, checked against the auth store when
+    /// applied. A client command without it is anonymous, except the kinds a member
+    /// also proposes itself ([`Command::member_may_propose`]).
+    As(Box<(Requester, Command)>),
 }
 
 impl Command {
@@ -64,6 +110,45 @@ impl Command {
             Command::LeaseCheckpoint(c) => (TAG_LEASE_CHECKPOINT, lease::encode_checkpoints(c)),
             Command::MemberUpdate(r) => (TAG_MEMBER_UPDATE, r.encode_to_vec()),
             Command::Alarm(r) => (TAG_ALARM, r.encode_to_vec()),
+            Command::Auth(a) => match a {
+                AuthChange::Enable => (TAG_AUTH_ENABLE, Vec::new()),
+                AuthChange::Disable => (TAG_AUTH_DISABLE, Vec::new()),
+                AuthChange::Authenticate {
+                    name,
+                    token_prefix,
+                    revision,
+                } => (
+                    TAG_AUTHENTICATE,
+                    Authenticate {
+                        name: name.clone(),
+                        token_prefix: token_prefix.clone(),
+                        revision: *revision,
+                    }
+                    .encode_to_vec(),
+                ),
+                AuthChange::UserAdd(r) => (TAG_USER_ADD, r.encode_to_vec()),
+                AuthChange::UserDelete(r) => (TAG_USER_DELETE, r.encode_to_vec()),
+                AuthChange::UserChangePassword(r) => (TAG_USER_CHANGE_PASSWORD, r.encode_to_vec()),
+                AuthChange::UserGrantRole(r) => (TAG_USER_GRANT_ROLE, r.encode_to_vec()),
+                AuthChange::UserRevokeRole(r) => (TAG_USER_REVOKE_ROLE, r.encode_to_vec()),
+                AuthChange::RoleAdd(r) => (TAG_ROLE_ADD, r.encode_to_vec()),
+                AuthChange::RoleDelete(r) => (TAG_ROLE_DELETE, r.encode_to_vec()),
+                AuthChange::RoleGrantPermission(r) => {
+                    (TAG_ROLE_GRANT_PERMISSION, r.encode_to_vec())
+                }
+                AuthChange::RoleRevokePermission(r) => {
+                    (TAG_ROLE_REVOKE_PERMISSION, r.encode_to_vec())
+                }
+            },
+            Command::As(a) => {
+                let (by, cmd) = &**a;
+                let body = AsUser {
+                    user: by.user.clone(),
+                    revision: by.revision,
+                    command: cmd.encode(),
+                };
+                (TAG_AS, body.encode_to_vec())
+            }
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(tag);
@@ -92,8 +177,83 @@ impl Command {
                 Command::MemberUpdate(pb::MemberUpdateRequest::decode(body).map_err(bad)?)
             }
             TAG_ALARM => Command::Alarm(pb::AlarmRequest::decode(body).map_err(bad)?),
+            TAG_AUTH_ENABLE => Command::Auth(AuthChange::Enable),
+            TAG_AUTH_DISABLE => Command::Auth(AuthChange::Disable),
+            TAG_AUTHENTICATE => {
+                let a = Authenticate::decode(body).map_err(bad)?;
+                Command::Auth(AuthChange::Authenticate {
+                    name: a.name,
+                    token_prefix: a.token_prefix,
+                    revision: a.revision,
+                })
+            }
+            TAG_USER_ADD => Command::Auth(AuthChange::UserAdd(
+                pb::AuthUserAddRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_USER_DELETE => Command::Auth(AuthChange::UserDelete(
+                pb::AuthUserDeleteRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_USER_CHANGE_PASSWORD => Command::Auth(AuthChange::UserChangePassword(
+                pb::AuthUserChangePasswordRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_USER_GRANT_ROLE => Command::Auth(AuthChange::UserGrantRole(
+                pb::AuthUserGrantRoleRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_USER_REVOKE_ROLE => Command::Auth(AuthChange::UserRevokeRole(
+                pb::AuthUserRevokeRoleRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_ROLE_ADD => Command::Auth(AuthChange::RoleAdd(
+                pb::AuthRoleAddRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_ROLE_DELETE => Command::Auth(AuthChange::RoleDelete(
+                pb::AuthRoleDeleteRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_ROLE_GRANT_PERMISSION => Command::Auth(AuthChange::RoleGrantPermission(
+                pb::AuthRoleGrantPermissionRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_ROLE_REVOKE_PERMISSION => Command::Auth(AuthChange::RoleRevokePermission(
+                pb::AuthRoleRevokePermissionRequest::decode(body).map_err(bad)?,
+            )),
+            TAG_AS => {
+                let a = AsUser::decode(body).map_err(bad)?;
+                let cmd = Command::decode(&a.command)?;
+                if matches!(cmd, Command::As(_)) {
+                    return Err("nested caller in a command".into());
+                }
+                let by = Requester {
+                    user: a.user,
+                    revision: a.revision,
+                };
+                Command::As(Box::new((by, cmd)))
+            }
             other => return Err(format!("unknown command tag {other}")),
         })
+    }
+}
+
+impl Command {
+    /// Kinds of command a member also proposes on its own behalf (lease expiry, the
+    /// quota's alarm, lease checkpoints): one of these without [`Command::As`] is the
+    /// member's and is not checked, so a client's always carries its caller.
+    pub fn member_may_propose(&self) -> bool {
+        matches!(
+            self,
+            Command::LeaseRevoke(_)
+                | Command::LeaseCheckpoint(_)
+                | Command::Alarm(_)
+                | Command::MemberUpdate(_)
+                | Command::LeaseGrant(_)
+        )
+    }
+
+    /// This command as `by` proposes it: with its caller attached unless that makes
+    /// no difference (an anonymous caller's command that a member never proposes).
+    pub fn by(self, by: &concord_gateway::Caller) -> Command {
+        let anonymous = by.user.is_none() && by.revision == 0;
+        if anonymous && !self.member_may_propose() {
+            return self;
+        }
+        Command::As(Box::new((Requester::of(by), self)))
     }
 }
 
@@ -117,6 +277,12 @@ pub enum Applied {
     /// The member list after a membership change or update.
     Members(Vec<pb::Member>),
     Alarm(pb::AlarmResponse),
+    /// An auth store change: the revision (of the KV store) for the header, and the
+    /// simple token of an `Authenticate`.
+    Auth {
+        revision: i64,
+        token: Option<String>,
+    },
 }
 
 /// What a proposer gets back: the command's result, or the deterministic refusal it
@@ -152,6 +318,9 @@ pub enum ApplyError {
     /// The entry does not decode as a command (the same bytes on every member).
     #[error("undecodable command: {0}")]
     Undecodable(String),
+    /// The auth store refused the command or its caller.
+    #[error("{0}")]
+    Auth(AuthError),
 }
 
 impl ApplyError {
@@ -183,6 +352,7 @@ impl From<ApplyError> for ApiError {
             ApplyError::NoSpace => ApiError::NoSpace,
             ApplyError::Corrupt => ApiError::Corrupt,
             e @ ApplyError::Undecodable(_) => ApiError::Internal(format!("etcdserver: {e}")),
+            ApplyError::Auth(e) => e.into(),
         }
     }
 }
@@ -193,6 +363,7 @@ pub struct KvMachine {
     leases: Arc<Lessor>,
     members: Arc<Membership>,
     alarms: Arc<Alarms>,
+    auth: Arc<AuthStore>,
     /// Gets every applied revision's changes once they are readable.
     hub: Arc<concord_watch::Hub>,
 }
@@ -203,6 +374,7 @@ impl KvMachine {
         leases: Arc<Lessor>,
         members: Arc<Membership>,
         alarms: Arc<Alarms>,
+        auth: Arc<AuthStore>,
         hub: Arc<concord_watch::Hub>,
     ) -> KvMachine {
         KvMachine {
@@ -210,29 +382,73 @@ impl KvMachine {
             leases,
             members,
             alarms,
+            auth,
             hub,
         }
     }
 }
 
+/// The replicated tables a command is applied to.
+struct Tables<'a> {
+    store: &'a mvcc::Store,
+    leases: &'a Lessor,
+    members: &'a Membership,
+    alarms: &'a Alarms,
+    auth: &'a AuthStore,
+}
+
 fn apply_one(
     w: &mut mvcc::Writer<'_>,
-    leases: &Lessor,
-    members: &Membership,
-    alarms: &Alarms,
+    t: &Tables<'_>,
+    index: u64,
     data: &[u8],
 ) -> crate::error::Result<Output> {
     let cmd = match Command::decode(data) {
         Ok(c) => c,
         // Every member decodes the same bytes the same way, so failing just this
         // command keeps them in step.
-        Err(e) => return Ok(Err(ApplyError::Undecodable(e))),
+        Err(e) => return Ok(Err(ApplyError::Undecodable(format!("entry {index}: {e}")))),
+    };
+    // A client's command: who proposed it, anonymous if no one is named.
+    let (by, cmd) = match cmd {
+        Command::As(a) => {
+            let (by, cmd) = *a;
+            (Some(by), cmd)
+        }
+        c if c.member_may_propose() => (None, c),
+        c => (
+            Some(Requester {
+                user: String::new(),
+                revision: 0,
+            }),
+            c,
+        ),
     };
     // The alarm list is replicated state, so every member refuses the same commands.
-    if let Some(e) = alarms.refuse(&cmd) {
+    if let Some(e) = t.alarms.refuse(&cmd) {
         return Ok(Err(e));
     }
-    match apply_command(w, leases, members, alarms, cmd) {
+    // So is the auth store: every member checks the caller the same way.
+    if let Some(by) = &by {
+        let lease_keys = |id: i64| t.store.lease_keys(id);
+        if let Err(e) = t.auth.check_command(by, &cmd, &lease_keys) {
+            return Ok(Err(ApplyError::Auth(e)));
+        }
+    }
+    if let Command::Auth(change) = &cmd {
+        let by = by.unwrap_or(Requester {
+            user: String::new(),
+            revision: 0,
+        });
+        return Ok(match t.auth.apply(w, &by, change, index) {
+            Ok(token) => Ok(Applied::Auth {
+                revision: w.revision(),
+                token,
+            }),
+            Err(e) => Err(ApplyError::Auth(e)),
+        });
+    }
+    match apply_command(w, t.leases, t.members, t.alarms, cmd) {
         Ok(applied) => Ok(Ok(applied)),
         Err(Refused::Apply(e)) => Ok(Err(e)),
         // A store failure of this member stops it rather than refuse the command here
@@ -293,6 +509,11 @@ fn apply_command(
             Applied::Members(members.apply_update(w, u.id, &u.peer_ur_ls)?)
         }
         Command::Alarm(a) => Applied::Alarm(alarms.apply(w, &a)),
+        Command::Auth(_) | Command::As(_) => {
+            return Err(Refused::Apply(ApplyError::Undecodable(
+                "an auth change or a nested caller where a KV command belongs".into(),
+            )));
+        }
     })
 }
 
@@ -307,17 +528,16 @@ impl StateMachine for KvMachine {
     fn apply(&mut self, cmds: &[Committed<'_>]) -> crate::error::Result<Vec<Output>> {
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_BATCH);
         let mut writer = self.store.writer()?;
+        let tables = Tables {
+            store: &self.store,
+            leases: &self.leases,
+            members: &self.members,
+            alarms: &self.alarms,
+            auth: &self.auth,
+        };
         let outputs = cmds
             .iter()
-            .map(|c| {
-                apply_one(
-                    &mut writer,
-                    &self.leases,
-                    &self.members,
-                    &self.alarms,
-                    c.data,
-                )
-            })
+            .map(|c| apply_one(&mut writer, &tables, c.index, c.data))
             .collect::<crate::error::Result<Vec<Output>>>()?;
         let last = cmds.last().map(|c| c.index);
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
@@ -361,6 +581,9 @@ impl StateMachine for KvMachine {
         self.alarms
             .reload(&self.store)
             .map_err(Error::table("alarms"))?;
+        self.auth
+            .reload(&self.store)
+            .map_err(Error::table("auth"))?;
         // The revisions the snapshot skipped were never published: watchers catch up
         // from the store (or learn that their history was compacted).
         self.hub.resync(self.store.current_revision());
@@ -382,8 +605,9 @@ fn test_machine(dir: &std::path::Path) -> (KvMachine, Arc<mvcc::Store>) {
     let leases = Arc::new(Lessor::open(&store).unwrap());
     let alarms = Arc::new(Alarms::open(&store).unwrap());
     let members = Arc::new(Membership::open(&store, 1, Vec::new(), None).unwrap());
+    let auth = Arc::new(AuthStore::open(&store, crate::auth::AuthOptions::default()).unwrap());
     (
-        KvMachine::new(store.clone(), leases, members, alarms, hub),
+        KvMachine::new(store.clone(), leases, members, alarms, auth, hub),
         store,
     )
 }
@@ -424,6 +648,32 @@ mod tests {
                 member_id: 5,
                 alarm: 1,
             }),
+            Command::Auth(AuthChange::Enable),
+            Command::Auth(AuthChange::Disable),
+            Command::Auth(AuthChange::Authenticate {
+                name: "u".into(),
+                token_prefix: "p".into(),
+                revision: 4,
+            }),
+            Command::Auth(AuthChange::UserAdd(pb::AuthUserAddRequest {
+                name: "u".into(),
+                hashed_password: "$2a$".into(),
+                ..Default::default()
+            })),
+            Command::Auth(AuthChange::RoleRevokePermission(
+                pb::AuthRoleRevokePermissionRequest {
+                    role: "r".into(),
+                    key: b"k".to_vec(),
+                    range_end: b"l".to_vec(),
+                },
+            )),
+            Command::As(Box::new((
+                Requester {
+                    user: "u".into(),
+                    revision: 3,
+                },
+                Command::Put(pb::PutRequest::default()),
+            ))),
         ];
         for c in cmds {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
@@ -598,5 +848,261 @@ mod alarm_tests {
         });
         assert!(apply(&mut b, 6, disarm).is_ok());
         assert!(apply(&mut b, 7, put()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use concord_proto::authpb;
+
+    fn apply(m: &mut KvMachine, index: u64, cmd: Command) -> Output {
+        let data = cmd.encode();
+        m.apply(&[Committed {
+            index,
+            term: 1,
+            data: &data,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap()
+    }
+
+    fn by(user: &str, revision: u64, cmd: Command) -> Command {
+        Command::As(Box::new((
+            Requester {
+                user: user.into(),
+                revision,
+            },
+            cmd,
+        )))
+    }
+
+    fn put(key: &str) -> Command {
+        Command::Put(pb::PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    fn change(c: AuthChange) -> Command {
+        Command::Auth(c)
+    }
+
+    /// root (with the root role) and alice, who may write `a`..`m`; auth enabled.
+    fn setup(m: &mut KvMachine) -> u64 {
+        let user = |name: &str| {
+            change(AuthChange::UserAdd(pb::AuthUserAddRequest {
+                name: name.into(),
+                hashed_password: bcrypt::hash("pw", 4).unwrap(),
+                ..Default::default()
+            }))
+        };
+        let grant = |user: &str, role: &str| {
+            change(AuthChange::UserGrantRole(pb::AuthUserGrantRoleRequest {
+                user: user.into(),
+                role: role.into(),
+            }))
+        };
+        let cmds = vec![
+            user("root"),
+            grant("root", "root"),
+            user("alice"),
+            change(AuthChange::RoleAdd(pb::AuthRoleAddRequest {
+                name: "w".into(),
+            })),
+            change(AuthChange::RoleGrantPermission(
+                pb::AuthRoleGrantPermissionRequest {
+                    name: "w".into(),
+                    perm: Some(authpb::Permission {
+                        perm_type: authpb::permission::Type::Write as i32,
+                        key: b"a".to_vec(),
+                        range_end: b"m".to_vec(),
+                    }),
+                },
+            )),
+            grant("alice", "w"),
+            change(AuthChange::Enable),
+        ];
+        let mut index = 0;
+        for c in cmds {
+            index += 1;
+            assert!(apply(m, index, c).is_ok(), "setup step {index}");
+        }
+        index
+    }
+
+    fn refused(o: Output) -> AuthError {
+        match o {
+            Err(ApplyError::Auth(e)) => e,
+            other => panic!("not refused by auth: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn writes_are_checked_at_apply_time_against_the_auth_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = test_machine(dir.path());
+        let mut i = setup(&mut m);
+        let rev = m.auth.revision();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        // Anonymous, or no user: etcd's "user name is empty".
+        assert_eq!(
+            refused(apply(&mut m, next(), put("b"))),
+            AuthError::UserEmpty
+        );
+        assert!(apply(&mut m, next(), by("alice", rev, put("b"))).is_ok());
+        assert_eq!(
+            refused(apply(&mut m, next(), by("alice", rev, put("x")))),
+            AuthError::PermissionDenied
+        );
+        // A txn's nested op outside the grant is refused (CVE-2026-33343).
+        let nested = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestTxn(pb::TxnRequest {
+                    success: vec![pb::RequestOp {
+                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                            key: b"x".to_vec(),
+                            ..Default::default()
+                        })),
+                    }],
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(apply(
+                &mut m,
+                next(),
+                by("alice", rev, Command::Txn(nested))
+            )),
+            AuthError::PermissionDenied
+        );
+        // prev_kv needs read access, which alice does not have.
+        let mut p = pb::PutRequest {
+            key: b"b".to_vec(),
+            prev_kv: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(apply(
+                &mut m,
+                next(),
+                by("alice", rev, Command::Put(p.clone()))
+            )),
+            AuthError::PermissionDenied
+        );
+        p.prev_kv = false;
+        // Root may do anything; alice may not change the auth store.
+        assert!(apply(&mut m, next(), by("root", rev, put("x"))).is_ok());
+        let add = change(AuthChange::RoleAdd(pb::AuthRoleAddRequest {
+            name: "r2".into(),
+        }));
+        assert_eq!(
+            refused(apply(&mut m, next(), by("alice", rev, add.clone()))),
+            AuthError::PermissionDenied
+        );
+        assert!(apply(&mut m, next(), by("root", rev, add)).is_ok());
+        // The store moved on: a write checked at the old revision is refused.
+        assert_eq!(m.auth.revision(), rev + 1);
+        assert_eq!(
+            refused(apply(
+                &mut m,
+                next(),
+                by("alice", rev, Command::Put(p.clone()))
+            )),
+            AuthError::AuthOldRevision
+        );
+        assert!(apply(&mut m, next(), by("alice", rev + 1, Command::Put(p))).is_ok());
+        // Compaction is root's.
+        let compact = Command::Compact(pb::CompactionRequest {
+            revision: 1,
+            physical: false,
+        });
+        assert_eq!(
+            refused(apply(&mut m, next(), by("alice", rev + 1, compact))),
+            AuthError::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn etcds_rules_for_root_and_the_store_travel_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _) = test_machine(&dir.path().join("a"));
+        let mut i = setup(&mut a);
+        let rev = a.auth.revision();
+        i += 1;
+        let del_root = change(AuthChange::UserDelete(pb::AuthUserDeleteRequest {
+            name: "root".into(),
+        }));
+        assert_eq!(
+            refused(apply(&mut a, i, by("root", rev, del_root))),
+            AuthError::InvalidAuthMgmt
+        );
+        i += 1;
+        let no_perm = change(AuthChange::RoleGrantPermission(
+            pb::AuthRoleGrantPermissionRequest {
+                name: "w".into(),
+                perm: None,
+            },
+        ));
+        assert_eq!(
+            refused(apply(&mut a, i, by("root", rev, no_perm))),
+            AuthError::PermissionNotGiven
+        );
+        // No password in the store, only its hash; and the image carries it all.
+        let mut image = Vec::new();
+        a.snapshot().unwrap().read_to_end(&mut image).unwrap();
+        assert!(!image.windows(8).any(|w| w == b"\0\0pw\0\0\0\0"));
+        let (mut b, _) = test_machine(&dir.path().join("b"));
+        b.restore(&mut &image[..], i, 1).unwrap();
+        assert!(b.auth.enabled());
+        assert_eq!(b.auth.revision(), rev);
+        assert!(b.auth.check_password("alice", "pw").is_ok());
+        assert_eq!(
+            b.auth.check_password("alice", "nope"),
+            Err(AuthError::AuthFailed)
+        );
+        assert_eq!(
+            refused(apply(&mut b, i + 1, by("alice", rev, put("x")))),
+            AuthError::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn authenticate_registers_a_token_named_after_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = test_machine(dir.path());
+        let i = setup(&mut m);
+        let rev = m.auth.check_password("alice", "pw").unwrap();
+        let auth = |revision| {
+            change(AuthChange::Authenticate {
+                name: "alice".into(),
+                token_prefix: "abcdefghijklmnop".into(),
+                revision,
+            })
+        };
+        match apply(&mut m, i + 1, auth(rev)) {
+            Ok(Applied::Auth { token: Some(t), .. }) => {
+                assert_eq!(t, format!("abcdefghijklmnop.{}", i + 1));
+                let c = m.auth.token_caller(&t).unwrap();
+                assert_eq!(c.user.as_deref(), Some("alice"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Checked against an older store: the proposer must check the password again.
+        assert_eq!(
+            refused(apply(&mut m, i + 2, auth(rev - 1))),
+            AuthError::AuthOldRevision
+        );
+        assert_eq!(
+            m.auth.token_caller("nope.1"),
+            Err(AuthError::InvalidAuthToken)
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use concord_consensus::{self as consensus, ChangeKind, MemberChange};
-use concord_gateway::{ClusterBackend, Error as ApiError, Result as ApiResult};
+use concord_gateway::{Caller, ClusterBackend, Error as ApiError, Result as ApiResult};
 use concord_proto::etcdserverpb as pb;
 use prost::Message as _;
 
@@ -149,7 +149,11 @@ pub(crate) async fn auto_promote(node: Weak<ClusterApi>) {
 
 #[concord_gateway::async_trait]
 impl ClusterBackend for ClusterApi {
-    async fn member_list(&self, req: pb::MemberListRequest) -> ApiResult<pb::MemberListResponse> {
+    async fn member_list(
+        &self,
+        _c: &Caller,
+        req: pb::MemberListRequest,
+    ) -> ApiResult<pb::MemberListResponse> {
         if req.linearizable {
             self.linearize().await?;
         }
@@ -160,7 +164,12 @@ impl ClusterBackend for ClusterApi {
         })
     }
 
-    async fn member_add(&self, req: pb::MemberAddRequest) -> ApiResult<pb::MemberAddResponse> {
+    async fn member_add(
+        &self,
+        c: &Caller,
+        req: pb::MemberAddRequest,
+    ) -> ApiResult<pb::MemberAddResponse> {
+        self.admin(c)?;
         let list = self.members.list();
         if list
             .iter()
@@ -203,8 +212,10 @@ impl ClusterBackend for ClusterApi {
 
     async fn member_remove(
         &self,
+        c: &Caller,
         req: pb::MemberRemoveRequest,
     ) -> ApiResult<pb::MemberRemoveResponse> {
+        self.admin(c)?;
         if self.members.get(req.id).is_none() {
             return Err(ApiError::MemberNotFound);
         }
@@ -223,8 +234,10 @@ impl ClusterBackend for ClusterApi {
 
     async fn member_update(
         &self,
+        c: &Caller,
         req: pb::MemberUpdateRequest,
     ) -> ApiResult<pb::MemberUpdateResponse> {
+        self.admin(c)?;
         if self.members.get(req.id).is_none() {
             return Err(ApiError::MemberNotFound);
         }
@@ -239,8 +252,10 @@ impl ClusterBackend for ClusterApi {
 
     async fn member_promote(
         &self,
+        c: &Caller,
         req: pb::MemberPromoteRequest,
     ) -> ApiResult<pb::MemberPromoteResponse> {
+        self.admin(c)?;
         let st = self.raft.status();
         let members = if st.role == consensus::Role::Leader {
             self.promote_here(req.id).await?
@@ -250,8 +265,13 @@ impl ClusterBackend for ClusterApi {
             // Only the leader knows whether the learner has caught up: ask it.
             let mut leader =
                 pb::cluster_client::ClusterClient::new(self.leader.channel(st.leader)?);
+            let mut call = tonic::Request::new(req);
+            // The leader checks the caller again: it gets the caller's token.
+            if let Some(t) = c.token.as_deref().and_then(|t| t.parse().ok()) {
+                call.metadata_mut().insert("token", t);
+            }
             leader
-                .member_promote(req)
+                .member_promote(call)
                 .await
                 .map_err(crate::forward::status_error)?
                 .into_inner()

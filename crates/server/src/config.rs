@@ -86,6 +86,16 @@ pub struct Args {
     /// survivor when a quorum is lost for good. The other members are removed.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub force_new_cluster: Option<bool>,
+    /// Auth tokens: `simple` (etcd's default), or
+    /// `jwt,pub-key=PATH,priv-key=PATH,sign-method=RS256|ES256|EdDSA[,ttl=5m]`.
+    #[arg(long)]
+    pub auth_token: Option<String>,
+    /// Seconds a simple token lives after its last use.
+    #[arg(long)]
+    pub auth_token_ttl: Option<u64>,
+    /// bcrypt cost of the password hashes (4 to 31; etcd's default 10).
+    #[arg(long)]
+    pub bcrypt_cost: Option<u32>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -149,6 +159,9 @@ pub struct Config {
     pub lease_checkpoint_interval: String,
     pub auto_promote_learners: bool,
     pub force_new_cluster: bool,
+    pub auth_token: String,
+    pub auth_token_ttl: u64,
+    pub bcrypt_cost: u32,
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -190,7 +203,10 @@ impl Config {
             .set_default("watch_progress_notify_interval", "10m")?
             .set_default("lease_checkpoint_interval", "1s")?
             .set_default("auto_promote_learners", false)?
-            .set_default("force_new_cluster", false)?;
+            .set_default("force_new_cluster", false)?
+            .set_default("auth_token", "simple")?
+            .set_default("auth_token_ttl", 300)?
+            .set_default("bcrypt_cost", crate::auth::DEFAULT_BCRYPT_COST)?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -220,7 +236,10 @@ impl Config {
             )?
             .set_override_option("lease_checkpoint_interval", a.lease_checkpoint_interval)?
             .set_override_option("auto_promote_learners", a.auto_promote_learners)?
-            .set_override_option("force_new_cluster", a.force_new_cluster)?;
+            .set_override_option("force_new_cluster", a.force_new_cluster)?
+            .set_override_option("auth_token", a.auth_token)?
+            .set_override_option("auth_token_ttl", a.auth_token_ttl)?
+            .set_override_option("bcrypt_cost", a.bcrypt_cost)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -245,9 +264,30 @@ impl Config {
         positive_duration("lease-checkpoint-interval", &self.lease_checkpoint_interval)
     }
 
+    /// How the auth store runs: `--auth-token`, `--auth-token-ttl`, `--bcrypt-cost`.
+    pub fn auth_options(&self) -> Result<crate::auth::AuthOptions, ConfigError> {
+        let kind = self.auth_token.split(',').next().unwrap_or_default();
+        if kind != "simple" {
+            return Err(ConfigError::Invalid(format!(
+                "invalid value {:?} for --auth-token: this server supports simple tokens",
+                self.auth_token
+            )));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(ConfigError::Invalid(
+                "--auth-token-ttl must be positive".into(),
+            ));
+        }
+        Ok(crate::auth::AuthOptions {
+            token_ttl: std::time::Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost: self.bcrypt_cost,
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         self.watch_progress_interval()?;
+        self.auth_options()?;
         self.lease_checkpoint_interval()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(

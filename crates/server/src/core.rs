@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use concord_consensus as consensus;
-use concord_gateway::{Error as ApiError, Result as ApiResult};
+use concord_gateway::{Caller, Error as ApiError, Result as ApiResult};
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 
 use crate::alarm::Alarms;
 use crate::apply::{Applied, Command, Output};
+use crate::auth::{Access, AuthStore};
 use crate::convert;
 use crate::identity::Identity;
 use crate::membership::Membership;
@@ -36,6 +37,9 @@ pub struct Core {
     pub(crate) members: Arc<Membership>,
     /// The replicated alarm list (shared with the apply thread).
     pub(crate) alarms: Arc<Alarms>,
+    /// The replicated auth store (shared with the apply thread) and this member's
+    /// simple tokens.
+    pub(crate) auth: Arc<AuthStore>,
     /// `--quota-backend-bytes` as configured (0: etcd's default, negative: no quota).
     pub(crate) quota: i64,
 }
@@ -105,6 +109,30 @@ impl Core {
             .propose(&cmd.encode())
             .await
             .map_err(raft_error)??)
+    }
+
+    /// Proposes a client's command as `caller`: the apply path checks its permissions.
+    pub(crate) async fn propose_as(&self, caller: &Caller, cmd: Command) -> ApiResult<Applied> {
+        self.propose(cmd.by(caller)).await
+    }
+
+    /// Whether `caller` may read the key (empty `range_end`) or range, now.
+    pub(crate) fn may_read(&self, caller: &Caller, key: &[u8], range_end: &[u8]) -> ApiResult<()> {
+        Ok(self.auth.check(caller, key, range_end, Access::Read)?)
+    }
+
+    /// etcd's admin check (root only, while auth is enabled).
+    pub(crate) fn admin(&self, caller: &Caller) -> ApiResult<()> {
+        Ok(self.auth.check_admin(caller)?)
+    }
+
+    /// A read's answer stands only if the auth store did not change under it (etcd's
+    /// `doSerialize`).
+    pub(crate) fn still_current(&self, caller: &Caller) -> ApiResult<()> {
+        if caller.revision != 0 && caller.revision != self.auth.revision() {
+            return Err(ApiError::AuthOldRevision);
+        }
+        Ok(())
     }
 
     /// Waits until this member has applied everything committed before the call

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use concord_gateway::{HealthBackend, KvBackend, Result as ApiResult};
+use concord_gateway::{Caller, HealthBackend, KvBackend, Result as ApiResult};
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
 
@@ -45,20 +45,22 @@ fn txn_is_serializable(t: &pb::TxnRequest) -> bool {
 
 #[concord_gateway::async_trait]
 impl KvBackend for KvApi {
-    async fn range(&self, req: pb::RangeRequest) -> ApiResult<pb::RangeResponse> {
+    async fn range(&self, c: &Caller, req: pb::RangeRequest) -> ApiResult<pb::RangeResponse> {
         if !req.serializable {
             self.linearize().await?;
         }
+        self.may_read(c, &req.key, &req.range_end)?;
         let req = convert::range_req(req);
         let r = self.blocking(move |s| s.range(&req)).await?;
+        self.still_current(c)?;
         let mut resp = convert::range_resp(r);
         resp.header = self.fill(resp.header);
         Ok(resp)
     }
 
-    async fn put(&self, req: pb::PutRequest) -> ApiResult<pb::PutResponse> {
+    async fn put(&self, c: &Caller, req: pb::PutRequest) -> ApiResult<pb::PutResponse> {
         self.check_quota(crate::maintenance::put_cost(&req)).await?;
-        match self.propose(Command::Put(req)).await? {
+        match self.propose_as(c, Command::Put(req)).await? {
             Applied::Put(r) => {
                 let mut resp = convert::put_resp(r);
                 resp.header = self.fill(resp.header);
@@ -70,9 +72,10 @@ impl KvBackend for KvApi {
 
     async fn delete_range(
         &self,
+        c: &Caller,
         req: pb::DeleteRangeRequest,
     ) -> ApiResult<pb::DeleteRangeResponse> {
-        match self.propose(Command::DeleteRange(req)).await? {
+        match self.propose_as(c, Command::DeleteRange(req)).await? {
             Applied::DeleteRange(r) => {
                 let mut resp = convert::delete_resp(r);
                 resp.header = self.fill(resp.header);
@@ -82,17 +85,20 @@ impl KvBackend for KvApi {
         }
     }
 
-    async fn txn(&self, req: pb::TxnRequest) -> ApiResult<pb::TxnResponse> {
+    async fn txn(&self, c: &Caller, req: pb::TxnRequest) -> ApiResult<pb::TxnResponse> {
         let serializable = txn_is_serializable(&req);
         let txn = convert::txn_req(req.clone());
         let r = if txn.is_read_only() {
             if !serializable {
                 self.linearize().await?;
             }
-            self.blocking(move |s| s.read_txn(&txn)).await?
+            crate::auth::check_read_txn(&self.auth, c, &req)?;
+            let r = self.blocking(move |s| s.read_txn(&txn)).await?;
+            self.still_current(c)?;
+            r
         } else {
             self.check_quota(crate::maintenance::txn_cost(&req)).await?;
-            match self.propose(Command::Txn(req)).await? {
+            match self.propose_as(c, Command::Txn(req)).await? {
                 Applied::Txn(r) => r,
                 other => return Err(unexpected(&other)),
             }
@@ -102,9 +108,13 @@ impl KvBackend for KvApi {
         Ok(resp)
     }
 
-    async fn compact(&self, req: pb::CompactionRequest) -> ApiResult<pb::CompactionResponse> {
+    async fn compact(
+        &self,
+        c: &Caller,
+        req: pb::CompactionRequest,
+    ) -> ApiResult<pb::CompactionResponse> {
         let physical = req.physical;
-        let (revision, wait) = match self.propose(Command::Compact(req)).await? {
+        let (revision, wait) = match self.propose_as(c, Command::Compact(req)).await? {
             Applied::Compact(rev, wait) => (rev, wait),
             other => return Err(unexpected(&other)),
         };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use concord_consensus::Role;
-use concord_gateway::{Error as ApiError, LeaseBackend, Result as ApiResult};
+use concord_gateway::{Caller, Error as ApiError, LeaseBackend, Result as ApiResult};
 use concord_proto::etcdserverpb as pb;
 use concord_proto::etcdserverpb::lease_client::LeaseClient;
 use tokio::sync::{mpsc, oneshot};
@@ -213,7 +213,11 @@ impl LeaseApi {
 
 #[concord_gateway::async_trait]
 impl LeaseBackend for LeaseApi {
-    async fn lease_grant(&self, req: pb::LeaseGrantRequest) -> ApiResult<pb::LeaseGrantResponse> {
+    async fn lease_grant(
+        &self,
+        _c: &Caller,
+        req: pb::LeaseGrantRequest,
+    ) -> ApiResult<pb::LeaseGrantResponse> {
         if req.ttl > crate::lease::MAX_LEASE_TTL {
             return Err(ApiError::LeaseTtlTooLarge);
         }
@@ -240,9 +244,10 @@ impl LeaseBackend for LeaseApi {
 
     async fn lease_revoke(
         &self,
+        c: &Caller,
         req: pb::LeaseRevokeRequest,
     ) -> ApiResult<pb::LeaseRevokeResponse> {
-        match self.propose(Command::LeaseRevoke(req)).await? {
+        match self.propose_as(c, Command::LeaseRevoke(req)).await? {
             Applied::LeaseRevoke(revision) => Ok(pb::LeaseRevokeResponse {
                 header: self.header(revision),
             }),
@@ -308,6 +313,7 @@ impl LeaseBackend for LeaseApi {
 
     async fn lease_time_to_live(
         &self,
+        c: &Caller,
         req: pb::LeaseTimeToLiveRequest,
         forwarded: bool,
     ) -> ApiResult<pb::LeaseTimeToLiveResponse> {
@@ -335,7 +341,13 @@ impl LeaseBackend for LeaseApi {
             )
             .await?;
         let keys = if req.keys && ttl != -1 {
-            self.store.lease_keys(id)
+            // Names of keys the caller may not read are not told (beyond etcd, whose
+            // answer lists them to anyone).
+            let keys = self.store.lease_keys(id);
+            for k in &keys {
+                self.may_read(c, k, &[])?;
+            }
+            keys
         } else {
             Vec::new()
         };
@@ -350,6 +362,7 @@ impl LeaseBackend for LeaseApi {
 
     async fn lease_leases(
         &self,
+        _c: &Caller,
         _req: pb::LeaseLeasesRequest,
     ) -> ApiResult<pb::LeaseLeasesResponse> {
         self.linearize().await?;

@@ -36,6 +36,8 @@
 
 pub mod alarm;
 pub mod apply;
+pub mod auth;
+mod auth_api;
 mod cluster;
 pub mod config;
 pub mod convert;

@@ -27,7 +27,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use concord_consensus::Role;
-use concord_gateway::{Error as ApiError, MaintenanceBackend, Result as ApiResult, SnapshotImage};
+use concord_gateway::{
+    Caller, Error as ApiError, MaintenanceBackend, Result as ApiResult, SnapshotImage,
+};
 use concord_proto::etcdserverpb as pb;
 use tokio::time::Instant;
 
@@ -84,6 +86,14 @@ fn spool(
     Ok((file, size))
 }
 
+impl MaintenanceApi {
+    /// The admin check of etcd's Maintenance service (Defragment, Snapshot, Hash,
+    /// HashKV), whose refusals reach clients unmapped: code `Unknown`, `auth: ...`.
+    fn maintainer(&self, c: &Caller) -> ApiResult<()> {
+        self.auth.check_admin(c).map_err(|e| e.unmapped())
+    }
+}
+
 #[concord_gateway::async_trait]
 impl MaintenanceBackend for MaintenanceApi {
     async fn status(&self) -> ApiResult<pb::StatusResponse> {
@@ -113,14 +123,15 @@ impl MaintenanceBackend for MaintenanceApi {
         })
     }
 
-    async fn alarm(&self, req: pb::AlarmRequest) -> ApiResult<pb::AlarmResponse> {
-        match self.propose(Command::Alarm(req)).await? {
+    async fn alarm(&self, c: &Caller, req: pb::AlarmRequest) -> ApiResult<pb::AlarmResponse> {
+        match self.propose_as(c, Command::Alarm(req)).await? {
             Applied::Alarm(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
     }
 
-    async fn hash(&self, _req: pb::HashRequest) -> ApiResult<pb::HashResponse> {
+    async fn hash(&self, c: &Caller, _req: pb::HashRequest) -> ApiResult<pb::HashResponse> {
+        self.maintainer(c)?;
         let (hash, revision) = self.blocking(|s| s.hash()).await?;
         Ok(pb::HashResponse {
             header: self.header(revision),
@@ -128,7 +139,8 @@ impl MaintenanceBackend for MaintenanceApi {
         })
     }
 
-    async fn hash_kv(&self, req: pb::HashKvRequest) -> ApiResult<pb::HashKvResponse> {
+    async fn hash_kv(&self, c: &Caller, req: pb::HashKvRequest) -> ApiResult<pb::HashKvResponse> {
+        self.maintainer(c)?;
         let h = self.blocking(move |s| s.hash_kv(req.revision)).await?;
         Ok(pb::HashKvResponse {
             header: self.header(h.revision),
@@ -143,7 +155,12 @@ impl MaintenanceBackend for MaintenanceApi {
         })
     }
 
-    async fn defragment(&self, _req: pb::DefragmentRequest) -> ApiResult<pb::DefragmentResponse> {
+    async fn defragment(
+        &self,
+        c: &Caller,
+        _req: pb::DefragmentRequest,
+    ) -> ApiResult<pb::DefragmentResponse> {
+        self.maintainer(c)?;
         let started = std::time::Instant::now();
         tracing::info!("defragment starting");
         self.blocking(|s| s.defragment()).await?;
@@ -155,7 +172,8 @@ impl MaintenanceBackend for MaintenanceApi {
         Ok(pb::DefragmentResponse { header: None })
     }
 
-    async fn snapshot(&self) -> ApiResult<SnapshotImage> {
+    async fn snapshot(&self, c: &Caller) -> ApiResult<SnapshotImage> {
+        self.maintainer(c)?;
         let store = self.store.clone();
         let dir = self.data_dir.clone();
         let (file, size) = tokio::task::spawn_blocking(move || {
@@ -173,7 +191,11 @@ impl MaintenanceBackend for MaintenanceApi {
         })
     }
 
-    async fn move_leader(&self, req: pb::MoveLeaderRequest) -> ApiResult<pb::MoveLeaderResponse> {
+    async fn move_leader(
+        &self,
+        _c: &Caller,
+        req: pb::MoveLeaderRequest,
+    ) -> ApiResult<pb::MoveLeaderResponse> {
         let me = self.identity.member_id;
         if self.raft.status().leader != me {
             return Err(ApiError::NotLeader);

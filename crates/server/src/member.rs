@@ -46,6 +46,7 @@ pub struct Member {
     maintenance: Arc<MaintenanceApi>,
     cluster: Arc<ClusterApi>,
     health: Arc<HealthApi>,
+    auth: Arc<crate::auth_api::AuthApi>,
     raft: consensus::Node<Output>,
     tasks: Arc<Tasks>,
     /// What this member publishes about itself (names and client URLs are not
@@ -161,11 +162,16 @@ impl Member {
         let min_ttl = crate::lease::min_ttl(rcfg.election_ticks as u64, tick.as_millis() as u64);
         let request_timeout = rcfg.request_timeout;
         let alarms = Arc::new(Alarms::open(&store).map_err(anyhow::Error::msg)?);
+        let auth = Arc::new(
+            crate::auth::AuthStore::open(&store, cfg.auth_options()?)
+                .map_err(anyhow::Error::msg)?,
+        );
         let machine = KvMachine::new(
             store.clone(),
             lessor.clone(),
             membership.clone(),
             alarms.clone(),
+            auth.clone(),
             hub.clone(),
         );
         let raft = consensus::start(rcfg, machine, transport.clone())?;
@@ -178,6 +184,7 @@ impl Member {
             request_timeout,
             members: membership.clone(),
             alarms,
+            auth,
             quota: cfg.quota_backend_bytes,
         });
         let leader = Arc::new(LeaderLink::new(membership));
@@ -224,6 +231,7 @@ impl Member {
                 data_dir: data.to_path_buf(),
             }),
             health: Arc::new(HealthApi { core: core.clone() }),
+            auth: Arc::new(crate::auth_api::AuthApi { core: core.clone() }),
             lease,
             cluster,
             core,
@@ -243,6 +251,7 @@ impl Member {
             maintenance: self.maintenance.clone(),
             cluster: self.cluster.clone(),
             health: self.health.clone(),
+            auth: self.auth.clone(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use concord_gateway::{
-    Result as ApiResult, WatchBackend, WatchSession, async_trait, create_filters,
+    Caller, Result as ApiResult, WatchBackend, WatchSession, async_trait, create_filters,
 };
 use concord_mvcc as mvcc;
 use concord_proto::etcdserverpb as pb;
@@ -111,10 +111,39 @@ fn pb_event(e: w::Event) -> mvccpb::Event {
 /// Builds a response header for a revision (cluster, member, term filled in).
 pub type HeaderFn = Arc<dyn Fn(i64) -> Option<pb::ResponseHeader> + Send + Sync>;
 
-/// A gRPC watch stream on the hub.
+/// A gRPC watch stream on the hub, for one caller: a watcher on keys the caller may
+/// not read is refused when it is created.
 pub struct Session {
-    pub stream: w::WatchStream,
-    pub header: HeaderFn,
+    stream: w::WatchStream,
+    header: HeaderFn,
+    caller: Caller,
+    auth: Arc<crate::auth::AuthStore>,
+    /// For the revision in a refusal's header.
+    store: Arc<mvcc::Store>,
+    /// Refusals of watchers the caller may not create, answered in order.
+    refused_tx: tokio::sync::mpsc::UnboundedSender<pb::WatchResponse>,
+    refused: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<pb::WatchResponse>>,
+}
+
+impl Session {
+    pub fn new(
+        stream: w::WatchStream,
+        header: HeaderFn,
+        caller: Caller,
+        auth: Arc<crate::auth::AuthStore>,
+        store: Arc<mvcc::Store>,
+    ) -> Session {
+        let (refused_tx, refused) = tokio::sync::mpsc::unbounded_channel();
+        Session {
+            stream,
+            header,
+            caller,
+            auth,
+            store,
+            refused_tx,
+            refused: tokio::sync::Mutex::new(refused),
+        }
+    }
 }
 
 /// Converts a hub response to etcd's message; the flag says whether to fragment.
@@ -172,6 +201,22 @@ pub fn to_pb(r: w::Response, header: &HeaderFn) -> (pb::WatchResponse, bool) {
 #[async_trait]
 impl WatchSession for Session {
     fn create(&self, c: pb::WatchCreateRequest) {
+        // etcd checks a watcher once, when it is created; one it refuses is answered
+        // as created and canceled at once, with id -1 and the error's full text.
+        let access = crate::auth::Access::Read;
+        if let Err(e) = self.auth.check(&self.caller, &c.key, &c.range_end, access) {
+            let e = concord_gateway::Error::from(e);
+            let refusal = pb::WatchResponse {
+                header: (self.header)(self.store.current_revision()),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: format!("rpc error: code = {:?} desc = {e}", e.code()),
+                ..pb::WatchResponse::default()
+            };
+            let _ = self.refused_tx.send(refusal);
+            return;
+        }
         let (no_put, no_delete) = create_filters(&c);
         self.stream.create(w::WatchSpec {
             watch_id: c.watch_id,
@@ -199,8 +244,12 @@ impl WatchSession for Session {
     }
 
     async fn next(&self) -> Option<(pb::WatchResponse, bool)> {
-        let r = self.stream.next().await?;
-        Some(to_pb(r, &self.header))
+        let mut refused = self.refused.lock().await;
+        tokio::select! {
+            biased;
+            Some(r) = refused.recv() => Some((r, false)),
+            r = self.stream.next() => Some(to_pb(r?, &self.header)),
+        }
     }
 }
 
@@ -221,19 +270,23 @@ impl WatchBackend for WatchApi {
         self.election_timeout
     }
 
-    fn open_watch(&self) -> ApiResult<Box<dyn WatchSession>> {
+    fn open_watch(&self, caller: Caller) -> ApiResult<Box<dyn WatchSession>> {
         let identity = self.identity;
         let raft = self.raft.clone();
-        Ok(Box::new(crate::watch::Session {
-            stream: self.hub.stream(),
-            header: Arc::new(move |revision| {
-                Some(pb::ResponseHeader {
-                    cluster_id: identity.cluster_id,
-                    member_id: identity.member_id,
-                    revision,
-                    raft_term: raft.status().term,
-                })
-            }),
-        }))
+        let header: HeaderFn = Arc::new(move |revision| {
+            Some(pb::ResponseHeader {
+                cluster_id: identity.cluster_id,
+                member_id: identity.member_id,
+                revision,
+                raft_term: raft.status().term,
+            })
+        });
+        Ok(Box::new(crate::watch::Session::new(
+            self.hub.stream(),
+            header,
+            caller,
+            self.auth.clone(),
+            self.store.clone(),
+        )))
     }
 }

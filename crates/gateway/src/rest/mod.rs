@@ -12,24 +12,25 @@ mod codec;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{MethodRouter, post};
+use axum::{Extension, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
 use concord_proto::etcdserverpb::{
-    WatchRequest, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
+    WatchRequest, auth_server::Auth, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
     maintenance_server::Maintenance,
 };
 use concord_proto::v3electionpb::election_server::Election;
 use concord_proto::v3lockpb::lock_server::Lock;
 
 use crate::Recipes;
+use crate::auth::{AuthService, ClientCertificate, caller_of};
 use crate::backend::{ClusterBackend, KvBackend, LeaseBackend, MaintenanceBackend, WatchBackend};
 use crate::election::ElectionService;
 use crate::kv::KvService;
@@ -50,33 +51,11 @@ pub(crate) struct Services {
     pub cluster: Arc<ClusterService<dyn ClusterBackend>>,
     pub lock: Arc<LockService<Recipes>>,
     pub election: Arc<ElectionService<Recipes>>,
+    pub auth: Arc<AuthService>,
 }
 
 /// The API prefixes etcd's gateway answers on.
 const PREFIXES: &[&str] = &["/v3", "/v3beta"];
-
-/// The Auth service's paths and RPC names. Concord has no Auth service yet (the
-/// gRPC API answers `Unimplemented` for it too); these paths say so in
-/// grpc-gateway's error body rather than with a 404.
-const AUTH_PATHS: &[(&str, &str)] = &[
-    ("/auth/enable", "AuthEnable"),
-    ("/auth/disable", "AuthDisable"),
-    ("/auth/status", "AuthStatus"),
-    ("/auth/authenticate", "Authenticate"),
-    ("/auth/user/add", "UserAdd"),
-    ("/auth/user/get", "UserGet"),
-    ("/auth/user/list", "UserList"),
-    ("/auth/user/delete", "UserDelete"),
-    ("/auth/user/changepw", "UserChangePassword"),
-    ("/auth/user/grant", "UserGrantRole"),
-    ("/auth/user/revoke", "UserRevokeRole"),
-    ("/auth/role/add", "RoleAdd"),
-    ("/auth/role/get", "RoleGet"),
-    ("/auth/role/list", "RoleList"),
-    ("/auth/role/delete", "RoleDelete"),
-    ("/auth/role/grant", "RoleGrantPermission"),
-    ("/auth/role/revoke", "RoleRevokePermission"),
-];
 
 /// The gateway's routes, under every prefix etcd serves them on.
 pub(crate) fn router(s: &Services, limits: Limits) -> Router {
@@ -151,20 +130,23 @@ fn api(s: &Services, limits: Limits) -> Router {
             )
             .route(&format!("{base}/leases"), rpc!(lease, lease_leases));
     }
-    for (path, rpc) in AUTH_PATHS {
-        let status = crate::Error::Unimplemented(format!(
-            "concord: Auth.{rpc} is not supported by this server yet"
-        ));
-        let status = Status::from(status);
-        r = r.route(
-            path,
-            only_post(move || {
-                let status = status.clone();
-                async move { codec::error(&status) }
-            }),
-        );
-    }
-    r
+    r.route("/auth/enable", rpc!(auth, auth_enable))
+        .route("/auth/disable", rpc!(auth, auth_disable))
+        .route("/auth/status", rpc!(auth, auth_status))
+        .route("/auth/authenticate", rpc!(auth, authenticate))
+        .route("/auth/user/add", rpc!(auth, user_add))
+        .route("/auth/user/get", rpc!(auth, user_get))
+        .route("/auth/user/list", rpc!(auth, user_list))
+        .route("/auth/user/delete", rpc!(auth, user_delete))
+        .route("/auth/user/changepw", rpc!(auth, user_change_password))
+        .route("/auth/user/grant", rpc!(auth, user_grant_role))
+        .route("/auth/user/revoke", rpc!(auth, user_revoke_role))
+        .route("/auth/role/add", rpc!(auth, role_add))
+        .route("/auth/role/get", rpc!(auth, role_get))
+        .route("/auth/role/list", rpc!(auth, role_list))
+        .route("/auth/role/delete", rpc!(auth, role_delete))
+        .route("/auth/role/grant", rpc!(auth, role_grant_permission))
+        .route("/auth/role/revoke", rpc!(auth, role_revoke_permission))
 }
 
 /// A `POST` route that answers other methods as grpc-gateway does.
@@ -182,10 +164,25 @@ fn recipe<T>(r: Result<T, Status>) -> Result<T, Status> {
     r.map_err(|s| Status::unknown(s.message().to_string()))
 }
 
-/// A unary request's message: the body decoded, within gRPC's size limit, with the
-/// call's metadata from the headers.
+/// The client certificate of the connection, if it presented one.
+type Cert = Option<Extension<ClientCertificate>>;
+
+/// A call carrying `msg`, with the call's metadata from the headers and the client's
+/// certificate, as the gRPC server would hand it to the service.
+fn call_of<T>(msg: T, headers: &HeaderMap, cert: Cert) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    *req.metadata_mut() = codec::metadata(headers);
+    if let Some(Extension(c)) = cert {
+        req.extensions_mut().insert(c);
+    }
+    req
+}
+
+/// A unary request's message: the body decoded, within gRPC's size limit, as a call
+/// ([`call_of`]).
 async fn request<T>(
     headers: &HeaderMap,
+    cert: Cert,
     body: Body,
     limits: Limits,
 ) -> Result<tonic::Request<T>, Status>
@@ -196,9 +193,7 @@ where
     let bytes = codec::read_body(body, codec::body_limit(max)).await?;
     let msg: T = codec::decode(&bytes)?;
     codec::check_message_size(&msg, max)?;
-    let mut req = tonic::Request::new(msg);
-    *req.metadata_mut() = codec::metadata(headers);
-    Ok(req)
+    Ok(call_of(msg, headers, cert))
 }
 
 /// `POST` of a unary RPC: `call` is the gRPC service's method.
@@ -211,10 +206,10 @@ where
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>> + Send + 'static,
 {
     let svc = svc.clone();
-    only_post(move |headers: HeaderMap, body: Body| {
+    only_post(move |headers: HeaderMap, cert: Cert, body: Body| {
         let (svc, call) = (svc.clone(), call.clone());
         async move {
-            let req = match request::<Req>(&headers, body, limits).await {
+            let req = match request::<Req>(&headers, cert, body, limits).await {
                 Ok(r) => r,
                 Err(s) => return codec::error(&s),
             };
@@ -236,10 +231,10 @@ where
     Fut: Future<Output = Result<Answers<Resp>, Status>> + Send + 'static,
 {
     let svc = svc.clone();
-    only_post(move |headers: HeaderMap, body: Body| {
+    only_post(move |headers: HeaderMap, cert: Cert, body: Body| {
         let (svc, call) = (svc.clone(), call.clone());
         async move {
-            let req = match request::<Req>(&headers, body, limits).await {
+            let req = match request::<Req>(&headers, cert, body, limits).await {
                 Ok(r) => r,
                 Err(s) => return codec::error(&s),
             };
@@ -268,16 +263,21 @@ async fn first_decoded<T: Send + 'static>(mut reqs: Answers<T>) -> Result<Answer
 /// `POST /v3/watch`: the body's JSON objects are the stream's `WatchRequest`s.
 fn watch(svc: &Arc<WatchService<dyn WatchBackend>>, limits: Limits) -> MethodRouter {
     let svc = svc.clone();
-    only_post(move |headers: HeaderMap, body: Body| {
+    only_post(move |headers: HeaderMap, cert: Cert, body: Body| {
         let svc = svc.clone();
         async move {
+            let call = call_of((), &headers, cert);
+            let caller = match caller_of(&*svc.auth, &call).await {
+                Ok(c) => c,
+                Err(s) => return codec::error(&s),
+            };
             let reqs = streamed_requests::<WatchRequest>(body, limits);
             let reqs = match first_decoded(reqs).await {
                 Ok(r) => r,
                 Err(s) => return codec::error(&s),
             };
-            let leader = require_leader(&codec::metadata(&headers));
-            match svc.serve(leader, reqs) {
+            let leader = require_leader(call.metadata());
+            match svc.serve(caller, leader, reqs) {
                 Ok(answers) => codec::stream(answers).await,
                 Err(s) => codec::error(&s),
             }
