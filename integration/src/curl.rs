@@ -80,8 +80,14 @@ pub struct Streaming {
 impl Streaming {
     /// POSTs `body` to `url` and keeps reading the answer (at most 60 s).
     pub fn start(url: &str, body: &str) -> Result<Streaming> {
+        Streaming::start_with(url, body, &[])
+    }
+
+    /// [`Streaming::start`] with request headers (`Name: value`).
+    pub fn start_with(url: &str, body: &str, headers: &[&str]) -> Result<Streaming> {
         let mut child = Command::new("curl")
             .args(["-sS", "-N", "--max-time", "60", "--data-binary", body, url])
+            .args(headers.iter().flat_map(|h| ["-H", h]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -155,6 +161,8 @@ const ID_FIELDS: &[&str] = &[
 /// URLs, hashes, image bytes): replaced by a marker of their JSON type.
 const VARYING_FIELDS: &[&str] = &[
     "raft_term",
+    // An auth token (random, and names a log index).
+    "token",
     "version_server",
     "dbSize",
     "dbSizeInUse",

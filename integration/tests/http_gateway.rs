@@ -44,6 +44,7 @@ enum Step {
         /// Keep only the first and last lines (a snapshot's chunk count is the
         /// server's own).
         ends_only: bool,
+        headers: Vec<&'static str>,
     },
 }
 
@@ -84,6 +85,7 @@ fn stream(path: &'static str, body: &str, first: usize) -> Step {
         more: 0,
         ends: false,
         ends_only: false,
+        headers: Vec::new(),
     }
 }
 
@@ -253,6 +255,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 0,
                 ends: true,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         (
@@ -265,6 +268,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 0,
                 ends: true,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         (
@@ -277,6 +281,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 0,
                 ends: true,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         (
@@ -307,6 +312,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 3,
                 ends: false,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         (
@@ -327,6 +333,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 2,
                 ends: false,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         (
@@ -367,6 +374,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 0,
                 ends: true,
                 ends_only: false,
+                headers: Vec::new(),
             },
         ),
         // Cluster.
@@ -420,6 +428,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 more: 0,
                 ends: true,
                 ends_only: true,
+                headers: Vec::new(),
             },
         ),
         (
@@ -513,8 +522,187 @@ fn script() -> Vec<(&'static str, Step)> {
                 headers: vec!["Content-Type: text/plain"],
             },
         ),
+        // Auth, and the token in `Authorization` (or `Grpc-Metadata-Token`).
+        ("auth enable without root", call("/v3/auth/enable", json!({}))),
+        (
+            "user add root",
+            call("/v3/auth/user/add", json!({"name": "root", "password": "rootpw"})),
+        ),
+        (
+            "user add alice",
+            call("/v3/auth/user/add", json!({"name": "alice", "password": "pw"})),
+        ),
+        (
+            "user add nopw",
+            call(
+                "/v3/auth/user/add",
+                json!({"name": "nopw", "options": {"no_password": true}}),
+            ),
+        ),
+        ("user add again", call("/v3/auth/user/add", json!({"name": "alice", "password": "x"}))),
+        ("user add empty", call("/v3/auth/user/add", json!({"name": ""}))),
+        ("role add", call("/v3/auth/role/add", json!({"name": "r1"}))),
+        ("role add root", call("/v3/auth/role/add", json!({"name": "root"}))),
+        (
+            "role grant",
+            call(
+                "/v3/auth/role/grant",
+                json!({"name": "r1", "perm": {"permType": "READWRITE", "key": b("/g/"), "range_end": b("/g0")}}),
+            ),
+        ),
+        (
+            "role grant read",
+            call(
+                "/v3/auth/role/grant",
+                json!({"name": "r1", "perm": {"key": b("k1")}}),
+            ),
+        ),
+        (
+            "role grant bad enum",
+            call(
+                "/v3/auth/role/grant",
+                json!({"name": "r1", "perm": {"permType": "BOGUS", "key": b("k1")}}),
+            ),
+        ),
+        ("role get", call("/v3/auth/role/get", json!({"role": "r1"}))),
+        ("role get unknown", call("/v3/auth/role/get", json!({"role": "nosuch"}))),
+        ("role list", call("/v3/auth/role/list", json!({}))),
+        (
+            "role revoke",
+            call("/v3/auth/role/revoke", json!({"role": "r1", "key": b("k1")})),
+        ),
+        (
+            "role revoke again",
+            call("/v3/auth/role/revoke", json!({"role": "r1", "key": b("k1")})),
+        ),
+        ("user grant", call("/v3/auth/user/grant", json!({"user": "alice", "role": "r1"}))),
+        ("user grant root", call("/v3/auth/user/grant", json!({"user": "root", "role": "root"}))),
+        (
+            "user grant unknown role",
+            call("/v3/auth/user/grant", json!({"user": "alice", "role": "nosuch"})),
+        ),
+        ("user get", call("/v3/auth/user/get", json!({"name": "alice"}))),
+        ("user list", call("/v3/auth/user/list", json!({}))),
+        (
+            "user changepw",
+            call("/v3/auth/user/changepw", json!({"name": "alice", "password": "pw2"})),
+        ),
+        ("user revoke", call("/v3/auth/user/revoke", json!({"name": "alice", "role": "nosuch"}))),
+        ("user delete", call("/v3/auth/user/delete", json!({"name": "nopw"}))),
+        ("user delete again", call("/v3/auth/user/delete", json!({"name": "nopw"}))),
+        ("role delete unknown", call("/v3/auth/role/delete", json!({"role": "nosuch"}))),
+        (
+            "authenticate while disabled",
+            call("/v3/auth/authenticate", json!({"name": "alice", "password": "pw2"})),
+        ),
+        ("auth enable", call("/v3/auth/enable", json!({}))),
+        ("no token", call("/v3/kv/range", json!({"key": b("foo")}))),
+        (
+            "bad password",
+            call("/v3/auth/authenticate", json!({"name": "alice", "password": "nope"})),
+        ),
+        (
+            "authenticate alice",
+            capture(
+                "/v3/auth/authenticate",
+                json!({"name": "alice", "password": "pw2"}),
+                "AT",
+                "token",
+            ),
+        ),
+        (
+            "authenticate root",
+            capture(
+                "/v3/auth/authenticate",
+                json!({"name": "root", "password": "rootpw"}),
+                "RT",
+                "token",
+            ),
+        ),
+        (
+            "alice writes her prefix",
+            authed("/v3/kv/put", put("/g/a", "1"), "Authorization: {AT}"),
+        ),
+        (
+            "alice reads it",
+            authed("/v3/kv/range", json!({"key": b("/g/a")}), "Grpc-Metadata-Token: {AT}"),
+        ),
+        (
+            "alice denied",
+            authed("/v3/kv/range", json!({"key": b("foo")}), "Authorization: {AT}"),
+        ),
+        (
+            "alice denied write",
+            authed("/v3/kv/put", put("foo", "x"), "Authorization: {AT}"),
+        ),
+        (
+            "alice watch denied",
+            Step::Stream {
+                path: "/v3/watch",
+                body: json!({"create_request": {"key": b("foo")}}).to_string(),
+                first: 1,
+                then: Vec::new(),
+                more: 0,
+                ends: false,
+                ends_only: false,
+                headers: Vec::new(),
+            }
+            .with_header("Authorization: {AT}"),
+        ),
+        (
+            "alice user list",
+            authed("/v3/auth/user/list", json!({}), "Authorization: {AT}"),
+        ),
+        (
+            "bearer is no token",
+            authed("/v3/kv/range", json!({"key": b("foo")}), "Authorization: Bearer {AT}"),
+        ),
+        (
+            "invalid token",
+            authed("/v3/kv/range", json!({"key": b("foo")}), "Authorization: nope.1"),
+        ),
+        (
+            "root reads",
+            authed("/v3/kv/range", json!({"key": b("foo")}), "Authorization: {RT}"),
+        ),
+        (
+            "root deletes root",
+            authed("/v3/auth/user/delete", json!({"name": "root"}), "Authorization: {RT}"),
+        ),
+        (
+            "alice disables",
+            authed("/v3/auth/disable", json!({}), "Authorization: {AT}"),
+        ),
+        (
+            "root disables",
+            authed("/v3/auth/disable", json!({}), "Authorization: {RT}"),
+        ),
+        (
+            "old token after disable",
+            authed("/v3/kv/range", json!({"key": b("foo")}), "Authorization: {RT}"),
+        ),
         ("final state", call("/v3/kv/range", json!({"key": b("\0"), "range_end": b("\0")}))),
     ]
+}
+
+/// A `POST` with one header (`{NAME}` filled in from captured values).
+fn authed(path: &'static str, body: Value, header: &'static str) -> Step {
+    Step::Raw {
+        method: "POST",
+        path,
+        body: Some(body.to_string().into_bytes()),
+        headers: vec![header],
+    }
+}
+
+impl Step {
+    /// The same streamed call with a header.
+    fn with_header(mut self, header: &'static str) -> Step {
+        if let Step::Stream { headers, .. } = &mut self {
+            headers.push(header);
+        }
+        self
+    }
 }
 
 /// The value of `field` (dotted for nesting) in `v`, as text.
@@ -572,12 +760,17 @@ fn run(endpoint: &str) -> Result<Vec<(&'static str, Value)>> {
                 path,
                 body,
                 headers,
-            } => answer_json(&curl::call(
-                method,
-                &format!("{endpoint}{path}"),
-                body.as_deref(),
-                &headers,
-            )?),
+            } => {
+                let body = body.map(|b| fill(&String::from_utf8_lossy(&b), &vars));
+                let headers: Vec<String> = headers.iter().map(|h| fill(h, &vars)).collect();
+                let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+                answer_json(&curl::call(
+                    method,
+                    &format!("{endpoint}{path}"),
+                    body.as_deref().map(str::as_bytes),
+                    &headers,
+                )?)
+            }
             Step::Stream {
                 path,
                 body,
@@ -586,8 +779,15 @@ fn run(endpoint: &str) -> Result<Vec<(&'static str, Value)>> {
                 more,
                 ends,
                 ends_only,
+                headers,
             } => {
-                let mut s = Streaming::start(&format!("{endpoint}{path}"), &fill(&body, &vars))?;
+                let headers: Vec<String> = headers.iter().map(|h| fill(h, &vars)).collect();
+                let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+                let mut s = Streaming::start_with(
+                    &format!("{endpoint}{path}"),
+                    &fill(&body, &vars),
+                    &headers,
+                )?;
                 let mut lines = s.lines(first, STREAM_DEADLINE).context(name)?;
                 let mut calls = Vec::new();
                 for (p, body) in then {

@@ -470,10 +470,10 @@ impl AuthStore {
     /// `UserGet`: root, or the user itself.
     pub fn user_get(&self, c: &Caller, name: &str) -> Result<Vec<String>> {
         let st = self.read();
-        if let Err(e) = st.admin(c.user.as_deref()) {
-            if c.user.as_deref() != Some(name) {
-                return Err(e);
-            }
+        if let Err(e) = st.admin(c.user.as_deref())
+            && c.user.as_deref() != Some(name)
+        {
+            return Err(e);
         }
         st.users
             .get(name)

@@ -261,7 +261,52 @@ fn go_text(serde: &str) -> String {
     if let Some(offset) = base64_offset(serde) {
         return format!("illegal base64 data at input byte {offset}");
     }
+    if let Some(text) = unknown_enum_value(serde) {
+        return text;
+    }
     serde.to_string()
+}
+
+/// The Go names of the API's enums, by the names of their values.
+const ENUMS: &[(&str, &[&str])] = &[
+    ("authpb.Permission_Type", &["READ", "WRITE", "READWRITE"]),
+    (
+        "etcdserverpb.RangeRequest_SortOrder",
+        &["NONE", "ASCEND", "DESCEND"],
+    ),
+    (
+        "etcdserverpb.RangeRequest_SortTarget",
+        &["KEY", "VERSION", "CREATE", "MOD", "VALUE"],
+    ),
+    (
+        "etcdserverpb.Compare_CompareResult",
+        &["EQUAL", "GREATER", "LESS", "NOT_EQUAL"],
+    ),
+    (
+        "etcdserverpb.Compare_CompareTarget",
+        &["VERSION", "CREATE", "MOD", "VALUE", "LEASE"],
+    ),
+    ("etcdserverpb.AlarmType", &["NONE", "NOSPACE", "CORRUPT"]),
+    (
+        "etcdserverpb.AlarmRequest_AlarmAction",
+        &["GET", "ACTIVATE", "DEACTIVATE"],
+    ),
+    (
+        "etcdserverpb.WatchCreateRequest_FilterType",
+        &["NOPUT", "NODELETE"],
+    ),
+];
+
+/// Go's text for an enum value name that names none (serde: "unknown variant `X`,
+/// expected one of `A`, `B`").
+fn unknown_enum_value(serde: &str) -> Option<String> {
+    let rest = serde.strip_prefix("unknown variant `")?;
+    let (value, expected) = rest.split_once('`')?;
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let (go, _) = ENUMS
+        .iter()
+        .find(|(_, values)| *values == names.as_slice())?;
+    Some(format!("unknown value \"{value}\" for enum {go}"))
 }
 
 /// The input offset of a base64 decoding error's text, if it is one.
@@ -408,6 +453,24 @@ mod tests {
         assert_eq!(
             got,
             r#"{"header":{"cluster_id":"1","member_id":"2","revision":"3"},"kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"3","version":"2","value":"YmFy"}],"count":"1"}"#
+        );
+    }
+
+    #[test]
+    fn an_unknown_enum_value_is_named_as_go_names_it() {
+        let e = decode::<concord_proto::etcdserverpb::AuthRoleGrantPermissionRequest>(
+            br#"{"name":"r","perm":{"permType":"BOGUS"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message(),
+            r#"unknown value "BOGUS" for enum authpb.Permission_Type"#
+        );
+        let e = decode::<concord_proto::etcdserverpb::RangeRequest>(br#"{"sort_order":"UP"}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.message(),
+            r#"unknown value "UP" for enum etcdserverpb.RangeRequest_SortOrder"#
         );
     }
 
