@@ -389,11 +389,12 @@ impl Cluster {
         let ready = wait_until(READY_DEADLINE, &endpoint, || {
             let endpoint = endpoint.clone();
             async move {
-                connect(&endpoint)
-                    .await?
-                    .get("health", Some(GetOptions::new().with_serializable()))
-                    .await?;
-                Ok(())
+                crate::answered(
+                    connect(&endpoint)
+                        .await?
+                        .get("health", Some(GetOptions::new().with_serializable()))
+                        .await,
+                )
             }
         })
         .await;

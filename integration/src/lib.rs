@@ -300,18 +300,24 @@ pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// checks it (a refusal by auth is an answer too, as etcdctl counts it).
 pub async fn wait_answering(endpoint: &str, deadline: Duration) -> Result<()> {
     wait_until(deadline, endpoint, || async move {
-        match connect(endpoint).await?.get("health", None).await {
-            Ok(_) => Ok(()),
-            Err(etcd_client::Error::GRpcStatus(s))
-                if s.message() == "etcdserver: user name is empty"
-                    || s.code() == tonic::Code::PermissionDenied =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        answered(connect(endpoint).await?.get("health", None).await)
     })
     .await
+}
+
+/// Whether a probe's read was answered: served, or refused by auth (with auth
+/// enabled a read without credentials is refused, and that is an answer too).
+pub fn answered<T>(r: Result<T, etcd_client::Error>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(etcd_client::Error::GRpcStatus(s))
+            if s.message() == "etcdserver: user name is empty"
+                || s.code() == tonic::Code::PermissionDenied =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A child process that is killed (by pid) and reaped when dropped.

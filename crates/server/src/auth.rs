@@ -287,17 +287,20 @@ struct Tokens {
 pub struct AuthStore {
     state: RwLock<State>,
     tokens: Mutex<Tokens>,
+    jwt: Option<Jwt>,
     token_ttl: Duration,
     bcrypt_cost: u32,
 }
 
 /// How a member runs its auth store.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AuthOptions {
     /// `--auth-token-ttl`: how long a simple token lives after its last use.
     pub token_ttl: Duration,
     /// `--bcrypt-cost`; out of etcd's range [4, 31] it is etcd's default, 10.
     pub bcrypt_cost: u32,
+    /// `--auth-token jwt,...`: signed tokens instead of simple ones.
+    pub jwt: Option<JwtOptions>,
 }
 
 impl Default for AuthOptions {
@@ -305,7 +308,164 @@ impl Default for AuthOptions {
         AuthOptions {
             token_ttl: Duration::from_secs(300),
             bcrypt_cost: DEFAULT_BCRYPT_COST,
+            jwt: None,
         }
+    }
+}
+
+/// `--auth-token jwt,pub-key=PATH,priv-key=PATH,sign-method=METHOD,ttl=DURATION`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtOptions {
+    pub pub_key: std::path::PathBuf,
+    /// Without it this member verifies tokens but issues none.
+    pub priv_key: Option<std::path::PathBuf>,
+    /// `RS256`, `ES256` or `EdDSA`.
+    pub sign_method: String,
+    /// etcd's default: 5 minutes.
+    pub ttl: Duration,
+}
+
+impl JwtOptions {
+    /// Parses the value of `--auth-token` after `jwt,`.
+    pub fn parse(opts: &str) -> std::result::Result<JwtOptions, String> {
+        let (mut pub_key, mut priv_key, mut method, mut ttl) = (None, None, None, None);
+        for kv in opts.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{kv:?} is not key=value"))?;
+            match k {
+                "pub-key" => pub_key = Some(std::path::PathBuf::from(v)),
+                "priv-key" => priv_key = Some(std::path::PathBuf::from(v)),
+                "sign-method" => method = Some(v.to_string()),
+                "ttl" => {
+                    ttl = Some(
+                        crate::config::parse_go_duration(v)
+                            .filter(|d| !d.is_zero())
+                            .ok_or_else(|| format!("invalid ttl {v:?}"))?,
+                    )
+                }
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        let sign_method = method.ok_or("sign-method is required")?;
+        if jwt_algorithm(&sign_method).is_none() {
+            return Err(format!(
+                "unsupported sign-method {sign_method:?} (use RS256, ES256 or EdDSA)"
+            ));
+        }
+        Ok(JwtOptions {
+            pub_key: pub_key.ok_or("pub-key is required")?,
+            priv_key,
+            sign_method,
+            ttl: ttl.unwrap_or(Duration::from_secs(300)),
+        })
+    }
+}
+
+fn jwt_algorithm(method: &str) -> Option<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::Algorithm;
+    Some(match method {
+        "RS256" => Algorithm::RS256,
+        "ES256" => Algorithm::ES256,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// etcd's JWT claims.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Claims {
+    exp: u64,
+    revision: u64,
+    username: String,
+}
+
+/// Signs and verifies JWT tokens.
+struct Jwt {
+    algorithm: jsonwebtoken::Algorithm,
+    decoding: jsonwebtoken::DecodingKey,
+    encoding: Option<jsonwebtoken::EncodingKey>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwt")
+            .field("algorithm", &self.algorithm)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Jwt {
+    fn load(o: &JwtOptions) -> std::result::Result<Jwt, String> {
+        use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+        let algorithm = jwt_algorithm(&o.sign_method).ok_or("unsupported sign-method")?;
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("reading JWT key {}: {e}", p.display()))
+        };
+        fn bad(
+            p: &std::path::Path,
+            method: &str,
+        ) -> impl FnOnce(jsonwebtoken::errors::Error) -> String {
+            let what = format!("JWT key {} for {method}", p.display());
+            move |e| format!("{what}: {e}")
+        }
+        let pem = read(&o.pub_key)?;
+        let decoding = match algorithm {
+            Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+            _ => DecodingKey::from_ed_pem(&pem),
+        }
+        .map_err(bad(&o.pub_key, &o.sign_method))?;
+        let encoding = match &o.priv_key {
+            None => None,
+            Some(p) => {
+                let pem = read(p)?;
+                Some(
+                    match algorithm {
+                        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+                        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+                        _ => EncodingKey::from_ed_pem(&pem),
+                    }
+                    .map_err(bad(p, &o.sign_method))?,
+                )
+            }
+        };
+        Ok(Jwt {
+            algorithm,
+            decoding,
+            encoding,
+            ttl: o.ttl,
+        })
+    }
+
+    fn sign(&self, username: &str, revision: u64) -> std::result::Result<String, ApiError> {
+        let key = self.encoding.as_ref().ok_or_else(|| {
+            ApiError::Internal("etcdserver: this member has no JWT signing key (priv-key)".into())
+        })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let claims = Claims {
+            exp: (now + self.ttl).as_secs(),
+            revision,
+            username: username.to_string(),
+        };
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.algorithm), &claims, key)
+            .map_err(|e| ApiError::Internal(format!("etcdserver: signing a token: {e}")))
+    }
+
+    fn verify(&self, token: &str) -> Result<Caller> {
+        let mut v = jsonwebtoken::Validation::new(self.algorithm);
+        v.leeway = 0;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .map_err(|_| AuthError::InvalidAuthToken)?;
+        Ok(Caller {
+            user: Some(data.claims.username),
+            revision: data.claims.revision,
+            token: Some(token.to_string()),
+        })
     }
 }
 
@@ -354,6 +514,7 @@ impl AuthStore {
         Ok(AuthStore {
             state: RwLock::new(load(store)?),
             tokens: Mutex::new(Tokens::default()),
+            jwt: opts.jwt.as_ref().map(Jwt::load).transpose()?,
             token_ttl: opts.token_ttl,
             bcrypt_cost: if BCRYPT_COSTS.contains(&opts.bcrypt_cost) {
                 opts.bcrypt_cost
@@ -402,10 +563,29 @@ impl AuthStore {
             .permitted(c.user.as_deref(), c.revision, key, range_end, access)
     }
 
-    /// The caller a simple token names: the user, at the current auth revision (a
-    /// simple token never goes stale; a change between this check and the apply of
-    /// a write is caught there). Each use extends the token's life.
+    /// Whether tokens are JWTs (`--auth-token jwt,...`).
+    pub fn uses_jwt(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// A JWT for `username`, checked against auth revision `revision`.
+    pub fn sign_jwt(&self, username: &str, revision: u64) -> std::result::Result<String, ApiError> {
+        match &self.jwt {
+            Some(j) => j.sign(username, revision),
+            None => Err(ApiError::Internal(
+                "etcdserver: JWT tokens are not configured".into(),
+            )),
+        }
+    }
+
+    /// The caller a token names. A JWT carries the auth revision it was issued at
+    /// (it goes stale with any later change of the store); a simple token names its
+    /// user at the current revision (a change between this check and the apply of a
+    /// write is caught there), and each use extends its life.
     pub fn token_caller(&self, token: &str) -> Result<Caller> {
+        if let Some(j) = &self.jwt {
+            return j.verify(token);
+        }
         let now = Instant::now();
         let mut tokens = self.tokens();
         let Some((user, expires)) = tokens.by_token.get_mut(token) else {
@@ -571,11 +751,14 @@ impl AuthStore {
                 if *revision != next.revision {
                     return Err(AuthError::AuthOldRevision);
                 }
-                let t = format!("{token_prefix}.{index}");
-                self.tokens()
-                    .by_token
-                    .insert(t.clone(), (name.clone(), Instant::now() + self.token_ttl));
-                token = Some(t);
+                // A JWT is signed by the proposer; a simple token is known everywhere.
+                if !token_prefix.is_empty() {
+                    let t = format!("{token_prefix}.{index}");
+                    self.tokens()
+                        .by_token
+                        .insert(t.clone(), (name.clone(), Instant::now() + self.token_ttl));
+                    token = Some(t);
+                }
             }
             AuthChange::UserAdd(r) => {
                 if r.name.is_empty() {

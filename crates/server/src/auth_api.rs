@@ -100,9 +100,11 @@ impl AuthBackend for AuthApi {
         if let Some(token) = creds.token.filter(|t| !t.is_empty()) {
             // A token is checked even while auth is disabled (as etcd: after `auth
             // disable` every simple token is gone, so it is invalid).
-            let index = token_index(token).ok_or(ApiError::InvalidAuthToken)?;
-            if index > self.raft.status().applied {
-                self.wait_applied(index).await;
+            if !self.auth.uses_jwt() {
+                let index = token_index(token).ok_or(ApiError::InvalidAuthToken)?;
+                if index > self.raft.status().applied {
+                    self.wait_applied(index).await;
+                }
             }
             return Ok(self.auth.token_caller(token)?);
         }
@@ -163,18 +165,33 @@ impl AuthBackend for AuthApi {
                 .map_err(|e| {
                     ApiError::Internal(format!("etcdserver: password check failed: {e}"))
                 })??;
+            let jwt = self.auth.uses_jwt();
             let change = AuthChange::Authenticate {
                 name: name.clone(),
-                token_prefix: crate::auth::token_prefix(),
+                // A JWT needs no prefix: it is signed here once the log agrees.
+                token_prefix: if jwt {
+                    String::new()
+                } else {
+                    crate::auth::token_prefix()
+                },
                 revision,
             };
             match self.propose(Command::Auth(change)).await {
                 Ok(Applied::Auth {
-                    revision,
-                    token: Some(token),
+                    revision: kv_revision,
+                    token,
                 }) => {
+                    let token = match token {
+                        Some(t) => t,
+                        None if jwt => self.auth.sign_jwt(&name, revision)?,
+                        None => {
+                            return Err(ApiError::Internal(
+                                "etcdserver: authenticated without a token".into(),
+                            ));
+                        }
+                    };
                     return Ok(pb::AuthenticateResponse {
-                        header: self.header(revision),
+                        header: self.header(kv_revision),
                         token,
                     });
                 }

@@ -266,13 +266,21 @@ impl Config {
 
     /// How the auth store runs: `--auth-token`, `--auth-token-ttl`, `--bcrypt-cost`.
     pub fn auth_options(&self) -> Result<crate::auth::AuthOptions, ConfigError> {
-        let kind = self.auth_token.split(',').next().unwrap_or_default();
-        if kind != "simple" {
-            return Err(ConfigError::Invalid(format!(
-                "invalid value {:?} for --auth-token: this server supports simple tokens",
-                self.auth_token
-            )));
-        }
+        let (kind, opts) = self
+            .auth_token
+            .split_once(',')
+            .unwrap_or((self.auth_token.as_str(), ""));
+        let jwt = match kind {
+            "simple" => None,
+            "jwt" => Some(crate::auth::JwtOptions::parse(opts).map_err(|e| {
+                ConfigError::Invalid(format!("invalid value for --auth-token jwt: {e}"))
+            })?),
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value {other:?} for --auth-token: use simple or jwt,..."
+                )));
+            }
+        };
         if self.auth_token_ttl == 0 {
             return Err(ConfigError::Invalid(
                 "--auth-token-ttl must be positive".into(),
@@ -281,6 +289,7 @@ impl Config {
         Ok(crate::auth::AuthOptions {
             token_ttl: std::time::Duration::from_secs(self.auth_token_ttl),
             bcrypt_cost: self.bcrypt_cost,
+            jwt,
         })
     }
 
