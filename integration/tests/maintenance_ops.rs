@@ -503,6 +503,10 @@ async fn snapshot_save_then_restore_serves_the_same_data() {
     // An alarm travels in the image too (member 42 does not exist; NOSPACE of a
     // departed member is still NOSPACE).
     alarm(&mut c, AlarmAction::Activate, AlarmType::Nospace, 42).await;
+    // So do the auth store's users and roles.
+    c.user_add("alice", "pw", None).await.unwrap();
+    c.role_add("readers").await.unwrap();
+    c.user_grant_role("alice", "readers").await.unwrap();
     let rev = concord_integration::revision(&mut c).await;
     let hash = c.hash_kv(rev).await.unwrap();
     let want = contents(&mut c).await;
@@ -605,6 +609,7 @@ async fn snapshot_save_then_restore_serves_the_same_data() {
     let mut d = dst.client().await.unwrap();
     let st = d.status().await.unwrap();
     assert_ne!(st.header().unwrap().member_id(), old_id, "a new member");
+    assert_eq!(d.user_get("alice").await.unwrap().roles(), ["readers"]);
     let h = d.hash_kv(rev).await.unwrap();
     assert_eq!((h.hash(), h.compact_version()), (hash.hash(), 20));
     assert_eq!(contents(&mut d).await, want);
