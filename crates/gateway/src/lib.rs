@@ -6,7 +6,11 @@
 //! option combinations, duplicate keys in a txn), handed to the backend, and its error,
 //! if any, turned into etcd's gRPC code and text in one place ([`Error`]).
 //!
-//! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`,
+//! Every call's credentials (metadata `token`, or a client certificate's CN) are
+//! resolved once into a [`Caller`] by the [`AuthBackend`], and every backend method a
+//! permission can refuse receives it.
+//!
+//! Owns: the gRPC services (`KV`, `Watch`, `Lease`, `Maintenance`, `Cluster`, `Auth`,
 //! `grpc.health.v1.Health`, and `v3lockpb.Lock` and `v3electionpb.Election`, which are
 //! etcd's concurrency recipes done over the KV, Watch and Lease backends), etcd's
 //! HTTP/JSON API (its grpc-gateway's `/v3/...` paths, served by the same service
@@ -20,7 +24,7 @@
 //! Not: storage, consensus, or anything that knows how the data is kept; it depends on
 //! no other Concord crate than `concord-proto`. Put it in front of a different backend
 //! by implementing [`KvBackend`], [`WatchBackend`], [`LeaseBackend`], [`MaintenanceBackend`],
-//! [`ClusterBackend`] and [`HealthBackend`].
+//! [`ClusterBackend`], [`HealthBackend`] and [`AuthBackend`].
 
 mod auth;
 mod backend;
