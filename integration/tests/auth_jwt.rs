@@ -60,7 +60,7 @@ async fn ok(endpoint: &str, path: &str, body: Value, token: Option<&str>) -> Val
 fn claims(token: &str) -> Value {
     let part = token.split('.').nth(1).expect("a JWT has three parts");
     let mut b64 = part.replace('-', "+").replace('_', "/");
-    while b64.len() % 4 != 0 {
+    while !b64.len().is_multiple_of(4) {
         b64.push('=');
     }
     serde_json::from_slice(&decode_base64(&b64).expect("base64 claims")).unwrap()
