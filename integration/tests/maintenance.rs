@@ -57,14 +57,20 @@ async fn status_alarms_members_and_health() {
 }
 
 #[tokio::test]
-async fn rpcs_not_offered_yet_answer_unimplemented_not_hang() {
+async fn the_auth_service_answers_with_etcds_errors_not_a_hang() {
     let s = Concord::start().await.unwrap();
     let mut c = s.client().await.unwrap();
     let e = c.auth_enable().await.unwrap_err();
     let etcd_client::Error::GRpcStatus(st) = e else {
         panic!("{e:?}")
     };
-    assert_eq!(st.code(), tonic::Code::Unimplemented);
+    assert_eq!(
+        (st.code(), st.message()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: root user does not exist"
+        )
+    );
 }
 
 #[tokio::test]
