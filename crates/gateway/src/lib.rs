@@ -34,6 +34,7 @@ mod listener;
 mod lock;
 mod maintenance;
 mod rest;
+pub mod tls;
 mod validate;
 mod watch;
 
@@ -57,9 +58,10 @@ pub use error::{ERROR_CODE_KEY, Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
 pub use lease::{FORWARDED_KEY, LeaseService};
-pub use listener::ClientListener;
+pub use listener::{ClientListener, ListenerOptions, PingPolicy, ServeOptions, serve};
 pub use lock::LockService;
 pub use maintenance::{ClusterService, MaintenanceService};
+pub use tls::ClientCertificate;
 /// The attribute the backend traits are declared with; implementors use it too, so they
 /// need no direct tonic dependency.
 pub use tonic::async_trait;
