@@ -546,6 +546,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ping_policy_is_grpc_gos() {
+        let mut p = PingStrikes::new(PingPolicy {
+            min_time: Duration::from_secs(5),
+        });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The first ping is free; two too soon are forgiven; the third is not.
+        assert!(!p.on_ping(at(0), false));
+        assert!(!p.on_ping(at(100), false));
+        assert!(!p.on_ping(at(200), false));
+        assert!(p.on_ping(at(300), false));
+        // Pings after the server sent data, or spaced by min_time, never count.
+        let mut p = PingStrikes::new(PingPolicy::default());
+        for i in 0..10 {
+            assert!(!p.on_ping(at(i * 10), true));
+        }
+        let mut p = PingStrikes::new(PingPolicy::default());
+        for i in 0..10 {
+            assert!(!p.on_ping(at(i * 5_000), false));
+        }
+    }
+
+    #[test]
+    fn frame_cursor_follows_frame_boundaries() {
+        let mut c = FrameCursor::default();
+        // SETTINGS (type 4), 6 payload bytes, fed in pieces.
+        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6];
+        assert!(!c.feed(&settings[..4]));
+        assert!(!c.at_boundary());
+        assert!(!c.feed(&settings[4..12]));
+        assert!(!c.at_boundary());
+        assert!(!c.feed(&settings[12..]));
+        assert!(c.at_boundary());
+        // HEADERS (type 1) with 2 bytes, then DATA (type 0) with none.
+        assert!(c.feed(&[0, 0, 2, 1, 4, 0, 0, 0, 1, 9, 9, 0, 0, 0, 0, 1, 0, 0, 0, 1]));
+        assert!(c.at_boundary());
+    }
+
+    #[test]
+    fn goaway_is_enhance_your_calm_too_many_pings() {
+        let st = H2State::default();
+        st.last_stream.store(7, Ordering::Release);
+        let f = too_many_pings(&st);
+        // length 8 + 14, type 7, stream 0, last stream 7, code 0xb.
+        assert_eq!(&f[..9], &[0, 0, 22, 7, 0, 0, 0, 0, 0]);
+        assert_eq!(&f[9..17], &[0, 0, 0, 7, 0, 0, 0, 0xb]);
+        assert_eq!(&f[17..], b"too_many_pings");
+    }
+
+    #[test]
     fn finds_the_authority_inside_etcd_client_values() {
         assert_eq!(
             authority_inside("http://127.0.0.1:2379").as_deref(),

@@ -666,7 +666,7 @@ mod tests {
             a.listen_client_urls = Some("https://127.0.0.1:1".into())
         }))
         .unwrap();
-        assert_eq!(c.client_listen_urls().unwrap()[0].1, true);
+        assert!(c.client_listen_urls().unwrap()[0].1);
         assert_eq!(c.max_concurrent_streams, u32::MAX);
         let e = Config::load(&args(|a| a.grpc_keepalive_min_time = Some("5".into())));
         assert!(

@@ -93,10 +93,10 @@ impl TlsPolicy {
                 .copied()
                 .collect();
             for name in names {
-                if let Some(s) = cipher_suite(name)? {
-                    if !chosen.contains(&s) {
-                        chosen.push(s);
-                    }
+                if let Some(s) = cipher_suite(name)?
+                    && !chosen.contains(&s)
+                {
+                    chosen.push(s);
                 }
             }
             chosen
