@@ -11,7 +11,11 @@
 //! etcd's concurrency recipes done over the KV, Watch and Lease backends), etcd's
 //! HTTP/JSON API (its grpc-gateway's `/v3/...` paths, served by the same service
 //! values in process), the HTTP endpoints on the client port (`/health`, `/livez`,
-//! `/readyz`, `/version`), and the composition of all into one router ([`router`]).
+//! `/readyz`, `/version`), and the composition of all into one router ([`router`]);
+//! the client-port listener and connection loop ([`ClientListener`], [`serve`]: TLS
+//! termination with [`tls::Handshaker`], etcd's stream and keep-alive limits) and the
+//! [`ClientCertificate`] it puts into every request of a client with a verified
+//! certificate.
 //!
 //! The Maintenance service frames `Snapshot` as etcd does: the backend hands over an
 //! image ([`SnapshotImage`]), the gateway streams it in chunks with `remaining_bytes`
