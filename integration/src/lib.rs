@@ -22,6 +22,7 @@ pub mod history;
 pub mod linearizability;
 pub mod proxy;
 pub mod sim;
+pub mod tlsutil;
 pub mod traffic;
 pub mod verdict;
 pub mod watchcheck;

@@ -2,6 +2,12 @@
 //! of message batches open to every peer (reconnecting when it breaks) and receives its
 //! peers' streams in its own `Peer` server. Snapshots travel on a stream of their own,
 //! in chunks, and are verified before the node sees them.
+//!
+//! Peer TLS: for `https://` peer URLs the transport dials TCP itself and runs a rustls
+//! client handshake with the configuration its [`PeerTls`] gives at that moment (so a
+//! rotated peer certificate or CA applies to the next connection), presenting the
+//! member's peer certificate; tonic then speaks plain HTTP/2 over that stream. The
+//! configuration comes from the caller: this crate knows no files or flags.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -45,10 +51,97 @@ const SEND_STALL: Duration = Duration::from_secs(3);
 /// A stream that ends sooner than this counts as a failed attempt (back off).
 const SHORT_STREAM: Duration = Duration::from_secs(1);
 
+/// The TLS client configuration for `https://` peers, asked for at every connection.
+pub type PeerTls = Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>;
+
+/// Where and how one peer URL is dialed.
+#[derive(Clone)]
+struct PeerEndpoint {
+    ep: Endpoint,
+    /// For `https://` URLs: the TLS configuration and the name to verify.
+    tls: Option<(PeerTls, rustls::pki_types::ServerName<'static>)>,
+    local_ip: Option<IpAddr>,
+}
+
+impl PeerEndpoint {
+    fn new(
+        url: &str,
+        local_ip: Option<IpAddr>,
+        tls: Option<&PeerTls>,
+    ) -> Result<PeerEndpoint, String> {
+        let (ep_url, tls) = match url.strip_prefix("https://") {
+            Some(rest) => {
+                let tls = tls.ok_or_else(|| {
+                    format!("{url}: an https:// peer URL needs peer TLS (--peer-cert-file or --peer-auto-tls)")
+                })?;
+                let hostport = rest.trim_end_matches('/');
+                let host = hostport
+                    .rsplit_once(':')
+                    .map_or(hostport, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{url}: {e}"))?;
+                // tonic must not try TLS itself: the connector does it.
+                (format!("http://{rest}"), Some((tls.clone(), name)))
+            }
+            None => (url.to_string(), None),
+        };
+        let ep = Endpoint::from_shared(ep_url).map_err(|e| e.to_string())?;
+        Ok(PeerEndpoint { ep, tls, local_ip })
+    }
+
+    fn map(mut self, f: impl FnOnce(Endpoint) -> Endpoint) -> Self {
+        self.ep = f(self.ep);
+        self
+    }
+
+    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        let Some((tls, name)) = self.tls.clone() else {
+            return self.ep.connect().await;
+        };
+        let local_ip = self.local_ip;
+        let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+            let tls = tls.clone();
+            let name = name.clone();
+            async move {
+                let host = uri
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let port = uri.port_u16().unwrap_or(443);
+                let addr = tokio::net::lookup_host((host, port))
+                    .await?
+                    .next()
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("{host} resolves to no address"))
+                    })?;
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                if let Some(ip) = local_ip {
+                    sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                }
+                let tcp = sock.connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tokio_rustls::TlsConnector::from(tls())
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        self.ep.connect_with_connector(connector).await
+    }
+}
+
 /// Sends Raft messages to peers over gRPC.
 pub struct GrpcTransport {
     peers: Mutex<HashMap<u64, String>>,
     local_ip: Option<IpAddr>,
+    tls: Option<PeerTls>,
     runtime: tokio::runtime::Handle,
     queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
     inbox: OnceLock<Inbox>,
@@ -66,15 +159,18 @@ impl GrpcTransport {
     /// `peers`: id → peer URL (`http://host:port`) of every other member.
     /// `local_ip`: bind outgoing connections to this address (the host this member
     /// listens on for peers), so a peer's connections can be told apart by source.
-    /// Tasks run on `runtime`.
+    /// Tasks run on `runtime`. `https://` peers are dialed with `tls` (see the module
+    /// docs); without it they are unreachable.
     pub fn new(
         peers: HashMap<u64, String>,
         local_ip: Option<IpAddr>,
         runtime: tokio::runtime::Handle,
+        tls: Option<PeerTls>,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             peers: Mutex::new(peers),
             local_ip,
+            tls,
             runtime,
             queues: Mutex::new(HashMap::new()),
             inbox: OnceLock::new(),
@@ -123,14 +219,17 @@ impl GrpcTransport {
         }
     }
 
-    fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(Endpoint::from_shared(url.to_string())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .local_address(self.local_ip))
+    fn endpoint(&self, url: &str) -> Result<PeerEndpoint, String> {
+        Ok(
+            PeerEndpoint::new(url, self.local_ip, self.tls.as_ref())?.map(|ep| {
+                ep.connect_timeout(CONNECT_TIMEOUT)
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true)
+                    .local_address(self.local_ip)
+            }),
+        )
     }
 }
 
@@ -176,8 +275,9 @@ impl Transport for GrpcTransport {
     fn fetch_attributes(&self, url: &str) -> AttributesFuture {
         let url = url.to_string();
         let local_ip = self.local_ip;
+        let tls = self.tls.clone();
         Box::pin(async move {
-            fetch_attributes(&url, local_ip)
+            fetch_attributes(&url, local_ip, tls.as_ref())
                 .await
                 .map_err(|reason| crate::Error::Peer { url, reason })
         })
@@ -209,7 +309,7 @@ impl Transport for GrpcTransport {
 }
 
 /// Keeps a stream open to one peer and feeds it from the peer's queue.
-async fn peer_loop(id: u64, ep: Endpoint, mut rx: mpsc::Receiver<Vec<u8>>, inbox: Inbox) {
+async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, inbox: Inbox) {
     let mut reported = false;
     loop {
         let channel = match ep.connect().await {
@@ -280,7 +380,11 @@ async fn stream_to(channel: Channel, rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
     }
 }
 
-async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> Result<(), String> {
+async fn send_snapshot(
+    ep: PeerEndpoint,
+    msg: Message,
+    file: Arc<SnapshotFile>,
+) -> Result<(), String> {
     fail::fail_point!(concord_storage::failpoints::SNAPSHOT_BEFORE_SEND);
     let channel = ep.connect().await.map_err(|e| e.to_string())?;
     let mut client = PeerClient::new(channel)
@@ -329,12 +433,16 @@ async fn send_snapshot(ep: Endpoint, msg: Message, file: Arc<SnapshotFile>) -> R
 }
 
 /// Asks the member at `url` for the attributes it publishes (see [`peer_service`]).
-pub async fn fetch_attributes(url: &str, local_ip: Option<IpAddr>) -> Result<Vec<u8>, String> {
-    let ep = Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(KEEPALIVE_TIMEOUT)
-        .local_address(local_ip);
+pub async fn fetch_attributes(
+    url: &str,
+    local_ip: Option<IpAddr>,
+    tls: Option<&PeerTls>,
+) -> Result<Vec<u8>, String> {
+    let ep = PeerEndpoint::new(url, local_ip, tls)?.map(|ep| {
+        ep.connect_timeout(CONNECT_TIMEOUT)
+            .timeout(KEEPALIVE_TIMEOUT)
+            .local_address(local_ip)
+    });
     let channel = ep.connect().await.map_err(|e| e.to_string())?;
     let reply = PeerClient::new(channel)
         .attributes(Done {})

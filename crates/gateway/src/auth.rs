@@ -15,6 +15,7 @@ use concord_proto::etcdserverpb::{auth_server::Auth, *};
 use tonic::{Request, Response, Status};
 
 use crate::error::Result;
+pub use crate::tls::ClientCertificate;
 
 /// The identity a call is made with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,13 +37,6 @@ impl Caller {
     pub fn anonymous() -> Caller {
         Caller::default()
     }
-}
-
-/// The verified client certificate of the connection a request came on, with its
-/// subject's common name. The listener puts it in the request's extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientCertificate {
-    pub common_name: String,
 }
 
 /// What a call presents to prove who it is.

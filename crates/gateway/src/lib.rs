@@ -15,7 +15,11 @@
 //! etcd's concurrency recipes done over the KV, Watch and Lease backends), etcd's
 //! HTTP/JSON API (its grpc-gateway's `/v3/...` paths, served by the same service
 //! values in process), the HTTP endpoints on the client port (`/health`, `/livez`,
-//! `/readyz`, `/version`), and the composition of all into one router ([`router`]).
+//! `/readyz`, `/version`), and the composition of all into one router ([`router`]);
+//! the client-port listener and connection loop ([`ClientListener`], [`serve`]: TLS
+//! termination with [`tls::Handshaker`], etcd's stream and keep-alive limits) and the
+//! [`ClientCertificate`] it puts into every request of a client with a verified
+//! certificate.
 //!
 //! The Maintenance service frames `Snapshot` as etcd does: the backend hands over an
 //! image ([`SnapshotImage`]), the gateway streams it in chunks with `remaining_bytes`
@@ -39,6 +43,7 @@ mod listener;
 mod lock;
 mod maintenance;
 mod rest;
+pub mod tls;
 mod validate;
 mod watch;
 
@@ -53,7 +58,7 @@ use concord_proto::grpc::health::v1::health_server::HealthServer;
 use concord_proto::v3electionpb::election_server::ElectionServer;
 use concord_proto::v3lockpb::lock_server::LockServer;
 
-pub use auth::{AuthBackend, AuthService, Caller, ClientCertificate, Credentials, credentials};
+pub use auth::{AuthBackend, AuthService, Caller, Credentials, credentials};
 pub use backend::{
     ClusterBackend, HealthBackend, KvBackend, LeaseBackend, MaintenanceBackend, SnapshotImage,
     WatchBackend, WatchSession,
@@ -63,9 +68,10 @@ pub use error::{ERROR_CODE_KEY, Error, Result};
 pub use health::HealthService;
 pub use kv::{KvService, txn_writes};
 pub use lease::{FORWARDED_KEY, LeaseService};
-pub use listener::ClientListener;
+pub use listener::{ClientListener, ListenerOptions, PingPolicy, ServeOptions, serve};
 pub use lock::LockService;
 pub use maintenance::{ClusterService, MaintenanceService};
+pub use tls::ClientCertificate;
 /// The attribute the backend traits are declared with; implementors use it too, so they
 /// need no direct tonic dependency.
 pub use tonic::async_trait;

@@ -1,4 +1,4 @@
-//! The client-port listener.
+//! The client-port listener and the connection loop that serves the router on it.
 //!
 //! etcd's Go clients put things in the HTTP/2 `:authority` pseudo-header that are not
 //! an authority: clientv3 3.4 dials single endpoints (`etcdctl endpoint status`,
@@ -9,74 +9,279 @@
 //! connections the client's frames are decoded, an invalid `:authority` is replaced by
 //! the `host:port` inside it (or dropped), and the frames are re-encoded for the
 //! server. Server-to-client bytes, and HTTP/1 connections, are copied untouched.
+//!
+//! On an `https` listener TLS is terminated before the pump ([`crate::tls::Handshaker`]),
+//! so the pump and the server see the same plain bytes as on an `http` one; the
+//! client's verified certificate goes into every request's extensions
+//! ([`crate::ClientCertificate`]).
+//!
+//! The pump also enforces grpc-go's keep-alive policy on client PINGs (etcd's
+//! `--grpc-keepalive-min-time`, [`PingPolicy`]): a client that pings more often than
+//! that more than twice in a row gets `GOAWAY ENHANCE_YOUR_CALM` ("too_many_pings")
+//! and the connection is closed. As in grpc-go, a ping after the server sent data or
+//! headers does not count. [`serve`] runs hyper's HTTP/1 + HTTP/2 connection builder
+//! with etcd's `--max-concurrent-streams` and server keep-alive pings
+//! (`--grpc-keepalive-interval`, `--grpc-keepalive-timeout`) over a [`ClientListener`].
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use h2::frame::{BytesStr, Frame, Pseudo};
+use bytes::{Bytes, BytesMut};
+use h2::frame::{BytesStr, Frame, GoAway, Pseudo, Reason, StreamId};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_stream::StreamExt;
+
+use crate::tls::{ClientCertificate, Handshaker};
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Bytes buffered between the pump and the server per direction.
 const PIPE_BYTES: usize = 256 * 1024;
+/// grpc-go's `maxPingStrikes`: this many pings too soon are forgiven, the next one is not.
+const MAX_PING_STRIKES: u32 = 2;
+/// How long a GOAWAY waits for the server's current frame to end before the
+/// connection is closed without it.
+const GOAWAY_WAIT: Duration = Duration::from_secs(1);
 
-/// A TCP listener for [`axum::serve`] whose connections tolerate etcd clients'
-/// malformed `:authority` (see the module docs). Sets `TCP_NODELAY`.
+/// How often a client may ping (etcd's `--grpc-keepalive-min-time`, grpc-go's
+/// `EnforcementPolicy.MinTime`). See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingPolicy {
+    pub min_time: Duration,
+}
+
+impl Default for PingPolicy {
+    /// etcd's default, 5 s.
+    fn default() -> Self {
+        PingPolicy {
+            min_time: Duration::from_secs(5),
+        }
+    }
+}
+
+/// grpc-go's ping-strike accounting for one connection.
+#[derive(Debug)]
+struct PingStrikes {
+    policy: PingPolicy,
+    last_ping: Option<Instant>,
+    strikes: u32,
+}
+
+impl PingStrikes {
+    fn new(policy: PingPolicy) -> Self {
+        PingStrikes {
+            policy,
+            last_ping: None,
+            strikes: 0,
+        }
+    }
+
+    /// A client PING arrived at `now`; `server_wrote` says whether the server sent
+    /// data or headers since the last one. True: the client is over the limit.
+    fn on_ping(&mut self, now: Instant, server_wrote: bool) -> bool {
+        let last = self.last_ping.replace(now);
+        if server_wrote {
+            self.strikes = 0;
+            return false;
+        }
+        if last.is_some_and(|l| now.duration_since(l) < self.policy.min_time) {
+            self.strikes += 1;
+        }
+        self.strikes > MAX_PING_STRIKES
+    }
+}
+
+/// Listener settings beyond the socket: TLS (for `https` URLs) and the ping policy.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerOptions {
+    pub tls: Option<Handshaker>,
+    pub ping_policy: PingPolicy,
+}
+
+/// A TCP listener whose connections tolerate etcd clients' malformed `:authority`
+/// (see the module docs), optionally behind TLS. Sets `TCP_NODELAY`. Served by
+/// [`serve`].
 pub struct ClientListener {
     inner: TcpListener,
+    opts: ListenerOptions,
 }
 
 impl ClientListener {
     pub fn new(inner: TcpListener) -> Self {
-        Self { inner }
+        Self::with_options(inner, ListenerOptions::default())
     }
-}
 
-impl axum::serve::Listener for ClientListener {
-    type Io = DuplexStream;
-    type Addr = SocketAddr;
+    pub fn with_options(inner: TcpListener, opts: ListenerOptions) -> Self {
+        Self { inner, opts }
+    }
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn accept_tcp(&self) -> (TcpStream, SocketAddr) {
         loop {
             match self.inner.accept().await {
                 Ok((tcp, addr)) => {
                     // Small gRPC frames must not wait for Nagle.
                     let _ = tcp.set_nodelay(true);
-                    let (server_side, pump_side) = tokio::io::duplex(PIPE_BYTES);
-                    tokio::spawn(async move {
-                        if let Err(e) = pump(tcp, pump_side).await {
-                            tracing::debug!(peer = %addr, error = %e, "client connection ended");
-                        }
-                    });
-                    return (server_side, addr);
+                    return (tcp, addr);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accepting a client connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+    /// Turns an accepted connection into the server's end of a pump, after the TLS
+    /// handshake if this listener has TLS. `None`: the connection was refused.
+    async fn open(
+        tcp: TcpStream,
+        addr: SocketAddr,
+        opts: &ListenerOptions,
+    ) -> Option<(DuplexStream, Option<ClientCertificate>)> {
+        let (server_side, pump_side) = tokio::io::duplex(PIPE_BYTES);
+        let policy = opts.ping_policy;
+        let cert = match &opts.tls {
+            None => {
+                tokio::spawn(run_pump(tcp, pump_side, policy, addr));
+                None
+            }
+            Some(h) => match h.accept(tcp).await {
+                Ok((tls, cert)) => {
+                    tokio::spawn(run_pump(tls, pump_side, policy, addr));
+                    cert
+                }
+                Err(e) => {
+                    tracing::info!(peer = %addr, error = %e, "rejected a client connection");
+                    return None;
+                }
+            },
+        };
+        Some((server_side, cert))
     }
 }
 
-async fn pump(tcp: TcpStream, server: DuplexStream) -> io::Result<()> {
-    let (mut client_rd, mut client_wr) = tcp.into_split();
-    let (mut server_rd, mut server_wr) = tokio::io::split(server);
-    let to_client = tokio::spawn(async move {
-        let r = tokio::io::copy(&mut server_rd, &mut client_wr).await;
-        let _ = client_wr.shutdown().await;
-        r
-    });
+/// How [`serve`] runs HTTP/2 connections (etcd's flags).
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// `--max-concurrent-streams`: streams one client connection may have open.
+    pub max_concurrent_streams: u32,
+    /// `--grpc-keepalive-interval`: the server pings an idle connection this often.
+    pub keepalive_interval: Option<Duration>,
+    /// `--grpc-keepalive-timeout`: a ping unanswered this long closes the connection.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    /// etcd's defaults: unlimited streams, a ping after 2 h, 20 s to answer it.
+    fn default() -> Self {
+        ServeOptions {
+            max_concurrent_streams: u32::MAX,
+            keepalive_interval: Some(Duration::from_secs(2 * 3600)),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting,
+/// asks every open connection to finish (HTTP/2 GOAWAY, HTTP/1 close after the
+/// current response) and returns once they have. The caller bounds that wait.
+pub async fn serve(
+    listener: ClientListener,
+    router: axum::Router,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .keep_alive_interval(opts.keepalive_interval)
+        .keep_alive_timeout(opts.keepalive_timeout);
+    let builder = Arc::new(builder);
+    let listener = Arc::new(listener);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            c = listener.accept_tcp() => c,
+        };
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let router = router.clone();
+        let listener = listener.clone();
+        // Each connection's handshake runs in its own task: a slow one never holds up
+        // the accept loop.
+        tokio::spawn(async move {
+            let Some((io, cert)) = ClientListener::open(tcp, addr, &listener.opts).await else {
+                return;
+            };
+            let svc = tower::ServiceExt::map_request(
+                router,
+                move |mut req: http::Request<hyper::body::Incoming>| {
+                    if let Some(c) = &cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    req
+                },
+            );
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc))
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(peer = %addr, error = %e, "client connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+async fn run_pump<IO>(io: IO, server: DuplexStream, policy: PingPolicy, addr: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    if let Err(e) = pump(io, server, policy).await {
+        tracing::debug!(peer = %addr, error = %e, "client connection ended");
+    }
+}
+
+/// What the two directions of an HTTP/2 pump tell each other.
+#[derive(Debug, Default)]
+struct H2State {
+    /// The server sent a DATA or HEADERS frame since the client's last PING.
+    server_wrote: AtomicBool,
+    /// The highest stream id the client opened (for GOAWAY's last-stream-id).
+    last_stream: AtomicU32,
+    /// Set when the client broke the ping policy: send GOAWAY and close.
+    calm_down: AtomicBool,
+    wake: Notify,
+}
+
+async fn pump<IO>(io: IO, server: DuplexStream, policy: PingPolicy) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut client_rd, client_wr) = tokio::io::split(io);
+    let (server_rd, mut server_wr) = tokio::io::split(server);
     // Sniff the HTTP/2 preface, stopping at the first byte that differs.
     let mut head = [0u8; PREFACE.len()];
     let mut n = 0;
@@ -89,8 +294,15 @@ async fn pump(tcp: TcpStream, server: DuplexStream) -> io::Result<()> {
         n += m;
     }
     server_wr.write_all(&head[..n]).await?;
-    let inbound = if n == PREFACE.len() && &head == PREFACE {
-        relay_h2_frames(client_rd, server_wr).await
+    let h2 = n == PREFACE.len() && &head == PREFACE;
+    let state = Arc::new(H2State::default());
+    let to_client = tokio::spawn(copy_to_client(
+        server_rd,
+        client_wr,
+        h2.then(|| state.clone()),
+    ));
+    let inbound = if h2 {
+        relay_h2_frames(client_rd, server_wr, &state, policy).await
     } else {
         let r = tokio::io::copy(&mut client_rd, &mut server_wr)
             .await
@@ -99,20 +311,153 @@ async fn pump(tcp: TcpStream, server: DuplexStream) -> io::Result<()> {
         r
     };
     let outbound = to_client.await.map_err(io::Error::other)?;
-    inbound.and(outbound.map(|_| ()))
+    inbound.and(outbound)
 }
 
-async fn relay_h2_frames<R, W>(client: R, server: W) -> io::Result<()>
+/// Tracks HTTP/2 frame boundaries in the server's byte stream, without decoding it.
+#[derive(Debug, Default)]
+struct FrameCursor {
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame not yet seen.
+    remaining: usize,
+}
+
+impl FrameCursor {
+    /// Feeds bytes; returns whether a DATA or HEADERS frame started among them.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        let mut wrote = false;
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(bytes.len());
+                self.remaining -= take;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let take = (9 - self.head_len).min(bytes.len());
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&bytes[..take]);
+            self.head_len += take;
+            bytes = &bytes[take..];
+            if self.head_len == 9 {
+                let h = &self.head;
+                self.remaining =
+                    (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                // 0x0 DATA, 0x1 HEADERS.
+                wrote |= h[3] <= 1;
+                self.head_len = 0;
+            }
+        }
+        wrote
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.remaining == 0
+    }
+}
+
+/// The server-to-client direction: bytes copied as they come; on HTTP/2 connections
+/// (`state`) frame boundaries are tracked so that a GOAWAY can be slipped in between
+/// two frames when the client broke the ping policy.
+async fn copy_to_client<R, W>(
+    mut server: R,
+    mut client: W,
+    state: Option<Arc<H2State>>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(state) = state else {
+        let r = tokio::io::copy(&mut server, &mut client).await.map(|_| ());
+        let _ = client.shutdown().await;
+        return r;
+    };
+    let mut cursor = FrameCursor::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut calm_since: Option<tokio::time::Instant> = None;
+    loop {
+        if state.calm_down.load(Ordering::Acquire) {
+            let since = *calm_since.get_or_insert_with(tokio::time::Instant::now);
+            if cursor.at_boundary() {
+                let _ = client.write_all(&too_many_pings(&state)).await;
+                let _ = client.flush().await;
+                let _ = client.shutdown().await;
+                return Ok(());
+            }
+            if since.elapsed() > GOAWAY_WAIT {
+                let _ = client.shutdown().await;
+                return Ok(());
+            }
+        }
+        let n = tokio::select! {
+            r = server.read(&mut buf) => r?,
+            _ = state.wake.notified(), if calm_since.is_none() => continue,
+            _ = tokio::time::sleep(GOAWAY_WAIT), if calm_since.is_some() => continue,
+        };
+        if n == 0 {
+            if state.calm_down.load(Ordering::Acquire) && cursor.at_boundary() {
+                let _ = client.write_all(&too_many_pings(&state)).await;
+            }
+            let _ = client.shutdown().await;
+            return Ok(());
+        }
+        if cursor.feed(&buf[..n]) {
+            state.server_wrote.store(true, Ordering::Release);
+        }
+        client.write_all(&buf[..n]).await?;
+    }
+}
+
+/// grpc-go's answer to a client that pings too often.
+fn too_many_pings(state: &H2State) -> BytesMut {
+    let last = StreamId::from(state.last_stream.load(Ordering::Acquire));
+    let frame = GoAway::with_debug_data(
+        last,
+        Reason::ENHANCE_YOUR_CALM,
+        Bytes::from_static(b"too_many_pings"),
+    );
+    let mut out = BytesMut::new();
+    frame.encode(&mut out);
+    out
+}
+
+async fn relay_h2_frames<R, W>(
+    client: R,
+    server: W,
+    state: &H2State,
+    policy: PingPolicy,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut from_client = h2::Codec::<_, Bytes>::new(ReadOnly(client));
     let mut to_server = h2::Codec::<_, Bytes>::new(WriteOnly(server));
+    let mut strikes = PingStrikes::new(policy);
     while let Some(frame) = from_client.next().await {
         let mut frame = frame.map_err(|e| io::Error::other(format!("{e:?}")))?;
-        if let Frame::Headers(h) = &mut frame {
-            repair_authority(h.pseudo_mut());
+        match &mut frame {
+            Frame::Headers(h) => {
+                state
+                    .last_stream
+                    .fetch_max(u32::from(h.stream_id()), Ordering::AcqRel);
+                repair_authority(h.pseudo_mut());
+            }
+            Frame::Ping(p) if !p.is_ack() => {
+                let wrote = state.server_wrote.swap(false, Ordering::AcqRel);
+                if strikes.on_ping(Instant::now(), wrote) {
+                    tracing::info!(
+                        min_time = ?policy.min_time,
+                        "client pings too often; closing its connection (GOAWAY ENHANCE_YOUR_CALM)"
+                    );
+                    state.calm_down.store(true, Ordering::Release);
+                    state.wake.notify_one();
+                    // The server gets nothing more from this client.
+                    let _ = std::future::poll_fn(|cx| to_server.shutdown(cx)).await;
+                    return Ok(());
+                }
+            }
+            _ => {}
         }
         std::future::poll_fn(|cx| to_server.poll_ready(cx)).await?;
         to_server.buffer(frame).map_err(io::Error::other)?;
@@ -199,6 +544,56 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for WriteOnly<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_policy_is_grpc_gos() {
+        let mut p = PingStrikes::new(PingPolicy {
+            min_time: Duration::from_secs(5),
+        });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The first ping is free; two too soon are forgiven; the third is not.
+        assert!(!p.on_ping(at(0), false));
+        assert!(!p.on_ping(at(100), false));
+        assert!(!p.on_ping(at(200), false));
+        assert!(p.on_ping(at(300), false));
+        // Pings after the server sent data, or spaced by min_time, never count.
+        let mut p = PingStrikes::new(PingPolicy::default());
+        for i in 0..10 {
+            assert!(!p.on_ping(at(i * 10), true));
+        }
+        let mut p = PingStrikes::new(PingPolicy::default());
+        for i in 0..10 {
+            assert!(!p.on_ping(at(i * 5_000), false));
+        }
+    }
+
+    #[test]
+    fn frame_cursor_follows_frame_boundaries() {
+        let mut c = FrameCursor::default();
+        // SETTINGS (type 4), 6 payload bytes, fed in pieces.
+        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6];
+        assert!(!c.feed(&settings[..4]));
+        assert!(!c.at_boundary());
+        assert!(!c.feed(&settings[4..12]));
+        assert!(!c.at_boundary());
+        assert!(!c.feed(&settings[12..]));
+        assert!(c.at_boundary());
+        // HEADERS (type 1) with 2 bytes, then DATA (type 0) with none.
+        assert!(c.feed(&[0, 0, 2, 1, 4, 0, 0, 0, 1, 9, 9, 0, 0, 0, 0, 1, 0, 0, 0, 1]));
+        assert!(c.at_boundary());
+    }
+
+    #[test]
+    fn goaway_is_enhance_your_calm_too_many_pings() {
+        let st = H2State::default();
+        st.last_stream.store(7, Ordering::Release);
+        let f = too_many_pings(&st);
+        // length 8 + 14, type 7, stream 0, last stream 7, code 0xb.
+        assert_eq!(&f[..9], &[0, 0, 22, 7, 0, 0, 0, 0, 0]);
+        assert_eq!(&f[9..17], &[0, 0, 0, 7, 0, 0, 0, 0xb]);
+        assert_eq!(&f[17..], b"too_many_pings");
+    }
 
     #[test]
     fn finds_the_authority_inside_etcd_client_values() {

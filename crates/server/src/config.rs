@@ -96,6 +96,68 @@ pub struct Args {
     /// bcrypt cost of the password hashes (4 to 31; etcd's default 10).
     #[arg(long)]
     pub bcrypt_cost: Option<u32>,
+    // --- TLS and listener hardening (etcd's flags) ---
+    /// Client server TLS certificate file.
+    #[arg(long)]
+    pub cert_file: Option<String>,
+    /// Client server TLS key file.
+    #[arg(long)]
+    pub key_file: Option<String>,
+    /// Client server trusted CA bundle; as in etcd, giving one requires client certificates.
+    #[arg(long)]
+    pub trusted_ca_file: Option<String>,
+    /// Require client certificates.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// Client TLS with a generated self-signed certificate (<data-dir>/fixtures/client).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub auto_tls: Option<bool>,
+    /// Client certificate revocation list (PEM).
+    #[arg(long)]
+    pub client_crl_file: Option<String>,
+    /// Peer TLS certificate file (served, and presented to peers as a client certificate).
+    #[arg(long)]
+    pub peer_cert_file: Option<String>,
+    /// Peer TLS key file.
+    #[arg(long)]
+    pub peer_key_file: Option<String>,
+    /// Peer trusted CA bundle.
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<String>,
+    /// Require client certificates from peers.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub peer_client_cert_auth: Option<bool>,
+    /// Peer TLS with a generated self-signed certificate (<data-dir>/fixtures/peer).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub peer_auto_tls: Option<bool>,
+    /// A peer's client certificate must have this common name.
+    #[arg(long)]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Peer certificate revocation list (PEM).
+    #[arg(long)]
+    pub peer_crl_file: Option<String>,
+    /// Comma-separated TLS 1.2 cipher suites, Go's names (empty: rustls' defaults).
+    #[arg(long)]
+    pub cipher_suites: Option<String>,
+    /// Lowest TLS version offered: TLS1.2 (default) or TLS1.3.
+    #[arg(long)]
+    pub tls_min_version: Option<String>,
+    /// Highest TLS version offered: TLS1.2 or TLS1.3 (default).
+    #[arg(long)]
+    pub tls_max_version: Option<String>,
+    /// Streams one client connection may have open at once (default: unlimited).
+    #[arg(long)]
+    pub max_concurrent_streams: Option<u32>,
+    /// A client pinging more often than this gets GOAWAY (Go duration, default 5s).
+    #[arg(long)]
+    pub grpc_keepalive_min_time: Option<String>,
+    /// The server pings idle client connections this often (Go duration, default 2h).
+    #[arg(long)]
+    pub grpc_keepalive_interval: Option<String>,
+    /// A server ping unanswered this long closes the connection (default 20s).
+    #[arg(long)]
+    pub grpc_keepalive_timeout: Option<String>,
+    // --- end of TLS and listener hardening ---
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -162,6 +224,28 @@ pub struct Config {
     pub auth_token: String,
     pub auth_token_ttl: u64,
     pub bcrypt_cost: u32,
+    // --- TLS and listener hardening ---
+    pub cert_file: String,
+    pub key_file: String,
+    pub trusted_ca_file: String,
+    pub client_cert_auth: bool,
+    pub auto_tls: bool,
+    pub client_crl_file: String,
+    pub peer_cert_file: String,
+    pub peer_key_file: String,
+    pub peer_trusted_ca_file: String,
+    pub peer_client_cert_auth: bool,
+    pub peer_auto_tls: bool,
+    pub peer_cert_allowed_cn: String,
+    pub peer_crl_file: String,
+    pub cipher_suites: String,
+    pub tls_min_version: String,
+    pub tls_max_version: String,
+    pub max_concurrent_streams: u32,
+    pub grpc_keepalive_min_time: String,
+    pub grpc_keepalive_interval: String,
+    pub grpc_keepalive_timeout: String,
+    // --- end of TLS and listener hardening ---
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -207,6 +291,36 @@ impl Config {
             .set_default("auth_token", "simple")?
             .set_default("auth_token_ttl", 300)?
             .set_default("bcrypt_cost", crate::auth::DEFAULT_BCRYPT_COST)?;
+        // TLS and listener hardening (etcd's defaults).
+        for k in [
+            "cert_file",
+            "key_file",
+            "trusted_ca_file",
+            "client_crl_file",
+            "peer_cert_file",
+            "peer_key_file",
+            "peer_trusted_ca_file",
+            "peer_cert_allowed_cn",
+            "peer_crl_file",
+            "cipher_suites",
+            "tls_min_version",
+            "tls_max_version",
+        ] {
+            b = b.set_default(k, "")?;
+        }
+        for k in [
+            "client_cert_auth",
+            "auto_tls",
+            "peer_client_cert_auth",
+            "peer_auto_tls",
+        ] {
+            b = b.set_default(k, false)?;
+        }
+        b = b
+            .set_default("max_concurrent_streams", u64::from(u32::MAX))?
+            .set_default("grpc_keepalive_min_time", "5s")?
+            .set_default("grpc_keepalive_interval", "2h")?
+            .set_default("grpc_keepalive_timeout", "20s")?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -239,7 +353,31 @@ impl Config {
             .set_override_option("force_new_cluster", a.force_new_cluster)?
             .set_override_option("auth_token", a.auth_token)?
             .set_override_option("auth_token_ttl", a.auth_token_ttl)?
-            .set_override_option("bcrypt_cost", a.bcrypt_cost)?;
+            .set_override_option("bcrypt_cost", a.bcrypt_cost)?
+            // TLS and listener hardening.
+            .set_override_option("cert_file", a.cert_file)?
+            .set_override_option("key_file", a.key_file)?
+            .set_override_option("trusted_ca_file", a.trusted_ca_file)?
+            .set_override_option("client_cert_auth", a.client_cert_auth)?
+            .set_override_option("auto_tls", a.auto_tls)?
+            .set_override_option("client_crl_file", a.client_crl_file)?
+            .set_override_option("peer_cert_file", a.peer_cert_file)?
+            .set_override_option("peer_key_file", a.peer_key_file)?
+            .set_override_option("peer_trusted_ca_file", a.peer_trusted_ca_file)?
+            .set_override_option("peer_client_cert_auth", a.peer_client_cert_auth)?
+            .set_override_option("peer_auto_tls", a.peer_auto_tls)?
+            .set_override_option("peer_cert_allowed_cn", a.peer_cert_allowed_cn)?
+            .set_override_option("peer_crl_file", a.peer_crl_file)?
+            .set_override_option("cipher_suites", a.cipher_suites)?
+            .set_override_option("tls_min_version", a.tls_min_version)?
+            .set_override_option("tls_max_version", a.tls_max_version)?
+            .set_override_option(
+                "max_concurrent_streams",
+                a.max_concurrent_streams.map(u64::from),
+            )?
+            .set_override_option("grpc_keepalive_min_time", a.grpc_keepalive_min_time)?
+            .set_override_option("grpc_keepalive_interval", a.grpc_keepalive_interval)?
+            .set_override_option("grpc_keepalive_timeout", a.grpc_keepalive_timeout)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -298,6 +436,7 @@ impl Config {
         self.watch_progress_interval()?;
         self.auth_options()?;
         self.lease_checkpoint_interval()?;
+        self.grpc_keepalive()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",
@@ -383,6 +522,42 @@ impl Config {
             .collect()
     }
 
+    /// Addresses to listen on for peers, each with whether it is `https`.
+    pub fn peer_listen_urls(&self) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
+        let mut out = Vec::new();
+        for u in split_urls(&self.listen_peer_urls) {
+            out.extend(parse_url(&u)?.into_iter().map(|a| (a, is_https(&u))));
+        }
+        Ok(out)
+    }
+
+    /// Addresses to serve clients on, each with whether it is `https`.
+    pub fn client_listen_urls(&self) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
+        let mut out = Vec::new();
+        for u in split_urls(&self.listen_client_urls) {
+            out.extend(parse_url(&u)?.into_iter().map(|a| (a, is_https(&u))));
+        }
+        Ok(out)
+    }
+
+    /// `--grpc-keepalive-min-time`, `-interval`, `-timeout` as durations.
+    pub fn grpc_keepalive(
+        &self,
+    ) -> Result<
+        (
+            std::time::Duration,
+            std::time::Duration,
+            std::time::Duration,
+        ),
+        ConfigError,
+    > {
+        Ok((
+            positive_duration("grpc-keepalive-min-time", &self.grpc_keepalive_min_time)?,
+            positive_duration("grpc-keepalive-interval", &self.grpc_keepalive_interval)?,
+            positive_duration("grpc-keepalive-timeout", &self.grpc_keepalive_timeout)?,
+        ))
+    }
+
     /// Addresses to serve clients on.
     pub fn client_listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
         let mut out = Vec::new();
@@ -401,12 +576,29 @@ pub fn split_urls(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// `http://host:port` to socket addresses. TLS is not offered yet, so `https` is refused.
+/// Whether a listen URL is `https://` (TLS).
+pub fn is_https(u: &str) -> bool {
+    u.starts_with("https://")
+}
+
+/// The host of a URL (`https://h:p` → `h`), for self-signed certificates.
+pub fn url_host(u: &str) -> Option<String> {
+    let rest = u.split_once("://")?.1.trim_end_matches('/');
+    let (host, _) = rest.rsplit_once(':')?;
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+}
+
+/// `http://host:port` or `https://host:port` to socket addresses.
 fn parse_url(u: &str) -> Result<Vec<SocketAddr>, ConfigError> {
     let invalid = |why: &str| ConfigError::Invalid(format!("URL {u:?}: {why}"));
     let rest = u
         .strip_prefix("http://")
-        .ok_or_else(|| invalid("only http:// URLs are supported"))?;
+        .or_else(|| u.strip_prefix("https://"))
+        .ok_or_else(|| invalid("only http:// and https:// URLs are supported"))?;
     let hostport = rest.trim_end_matches('/');
     let addrs: Vec<SocketAddr> = hostport
         .to_socket_addrs()
@@ -512,8 +704,24 @@ mod tests {
                 .contains("--initial-cluster-state")
         );
         let e = Config::load(&args(|a| {
-            a.listen_client_urls = Some("https://127.0.0.1:1".into())
+            a.listen_client_urls = Some("unix:///tmp/x".into())
         }));
-        assert!(e.unwrap_err().to_string().contains("only http://"));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("only http:// and https://")
+        );
+        let c = Config::load(&args(|a| {
+            a.listen_client_urls = Some("https://127.0.0.1:1".into())
+        }))
+        .unwrap();
+        assert!(c.client_listen_urls().unwrap()[0].1);
+        assert_eq!(c.max_concurrent_streams, u32::MAX);
+        let e = Config::load(&args(|a| a.grpc_keepalive_min_time = Some("5".into())));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("--grpc-keepalive-min-time")
+        );
     }
 }

@@ -53,6 +53,7 @@ mod maintenance;
 pub mod member;
 pub mod membership;
 pub mod tasks;
+pub mod tls;
 pub mod watch;
 
 pub use member::Member;

@@ -30,7 +30,146 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(serve(cfg))
 }
 
+/// The client and peer TLS material of this member, from the flags.
+struct Tls {
+    client: Option<std::sync::Arc<concord_server::tls::ServerTls>>,
+    peer_server: Option<std::sync::Arc<concord_server::tls::ServerTls>>,
+    peer_client: Option<concord_consensus::grpc::PeerTls>,
+}
+
+fn opt_path(s: &str) -> Option<std::path::PathBuf> {
+    (!s.is_empty()).then(|| std::path::PathBuf::from(s))
+}
+
+/// Builds the TLS configurations etcd's flags ask for, with etcd's errors for
+/// combinations that cannot work.
+fn load_tls(cfg: &Config) -> anyhow::Result<Tls> {
+    use concord_server::config::{split_urls, url_host};
+    use concord_server::tls::{ClientFiles, ClientTls, ServerFiles, ServerTls, TlsPolicy};
+    let policy = TlsPolicy::new(
+        &cfg.cipher_suites,
+        &cfg.tls_min_version,
+        &cfg.tls_max_version,
+    )?;
+    let fixtures = std::path::Path::new(&cfg.data_dir).join("fixtures");
+    let hosts = |urls: &str| -> Vec<String> {
+        let mut h: Vec<String> = split_urls(urls)
+            .iter()
+            .filter_map(|u| url_host(u))
+            .collect();
+        h.sort();
+        h.dedup();
+        h
+    };
+    // Client port.
+    let client_https: Vec<String> = split_urls(&cfg.listen_client_urls)
+        .into_iter()
+        .filter(|u| concord_server::config::is_https(u))
+        .collect();
+    let (mut cert, mut key) = (cfg.cert_file.clone(), cfg.key_file.clone());
+    if cfg.auto_tls && cert.is_empty() && key.is_empty() && !client_https.is_empty() {
+        let (c, k) = concord_server::tls::self_signed(
+            &fixtures.join("client"),
+            &hosts(&cfg.listen_client_urls),
+        )?;
+        tracing::warn!(
+            "serving clients with an automatically generated self-signed certificate (--auto-tls)"
+        );
+        (cert, key) = (c.display().to_string(), k.display().to_string());
+    }
+    let client = if client_https.is_empty() {
+        if !cert.is_empty() {
+            tracing::warn!(
+                "scheme is HTTP while key and cert files are present; ignoring key and cert files"
+            );
+        }
+        None
+    } else {
+        if cert.is_empty() || key.is_empty() {
+            anyhow::bail!(
+                "TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme",
+                client_https[0]
+            );
+        }
+        Some(ServerTls::open(
+            ServerFiles {
+                cert: cert.into(),
+                key: key.into(),
+                trusted_ca: opt_path(&cfg.trusted_ca_file),
+                crl: opt_path(&cfg.client_crl_file),
+                client_cert_auth: cfg.client_cert_auth,
+                allowed_cn: None,
+            },
+            policy.clone(),
+        )?)
+    };
+    // Peer port.
+    let peer_https = split_urls(&cfg.listen_peer_urls)
+        .iter()
+        .chain(split_urls(&cfg.initial_advertise_peer_urls).iter())
+        .any(|u| concord_server::config::is_https(u))
+        || cfg.initial_cluster.contains("https://");
+    let (mut pcert, mut pkey) = (cfg.peer_cert_file.clone(), cfg.peer_key_file.clone());
+    let mut auto = false;
+    if cfg.peer_auto_tls && pcert.is_empty() && pkey.is_empty() && peer_https {
+        let (c, k) = concord_server::tls::self_signed(
+            &fixtures.join("peer"),
+            &hosts(&cfg.listen_peer_urls),
+        )?;
+        tracing::warn!(
+            "peer TLS with an automatically generated self-signed certificate (--peer-auto-tls)"
+        );
+        (pcert, pkey) = (c.display().to_string(), k.display().to_string());
+        auto = true;
+    }
+    let (peer_server, peer_client) = if !peer_https {
+        (None, None)
+    } else {
+        if pcert.is_empty() || pkey.is_empty() {
+            let addr = cfg
+                .peer_listen_addrs()?
+                .first()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            anyhow::bail!(
+                "cannot listen on TLS for {addr}: KeyFile and CertFile are not presented"
+            );
+        }
+        let server = ServerTls::open(
+            ServerFiles {
+                cert: pcert.clone().into(),
+                key: pkey.clone().into(),
+                trusted_ca: opt_path(&cfg.peer_trusted_ca_file),
+                crl: opt_path(&cfg.peer_crl_file),
+                client_cert_auth: cfg.peer_client_cert_auth,
+                allowed_cn: (!cfg.peer_cert_allowed_cn.is_empty())
+                    .then(|| cfg.peer_cert_allowed_cn.clone()),
+            },
+            policy.clone(),
+        )?;
+        let client = ClientTls::open(
+            ClientFiles {
+                cert: Some(pcert.into()),
+                key: Some(pkey.into()),
+                trusted_ca: opt_path(&cfg.peer_trusted_ca_file),
+                skip_verify: auto && cfg.peer_trusted_ca_file.is_empty(),
+            },
+            policy,
+        )?;
+        let client: concord_consensus::grpc::PeerTls =
+            std::sync::Arc::new(move || client.current());
+        (Some(server), Some(client))
+    };
+    Ok(Tls {
+        client,
+        peer_server,
+        peer_client,
+    })
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let tls = load_tls(&cfg)?;
+    let (ka_min_time, ka_interval, ka_timeout) = cfg.grpc_keepalive()?;
     // Outgoing peer connections bind to the host this member listens on for peers, so
     // a peer (or a test's fault proxy) can tell members apart by source address.
     let local_ip = cfg
@@ -42,6 +181,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         std::collections::HashMap::new(),
         local_ip,
         tokio::runtime::Handle::current(),
+        tls.peer_client.clone(),
     );
     let member = Member::open(&cfg, transport)
         .await
@@ -55,43 +195,78 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let router = router.merge(concord_server::failpoints::router());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for addr in cfg.client_listen_addrs()? {
+    let serve_opts = concord_gateway::ServeOptions {
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        keepalive_interval: Some(ka_interval),
+        keepalive_timeout: ka_timeout,
+    };
+    for (addr, https) in cfg.client_listen_urls()? {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening for clients on {addr}"))?;
-        tracing::info!(%addr, "serving client requests");
-        let listener = concord_gateway::ClientListener::new(listener);
+        tracing::info!(%addr, tls = https, "serving client requests");
+        let handshaker = match (&tls.client, https) {
+            (Some(t), true) => Some(concord_gateway::tls::Handshaker::new(t.clone())),
+            _ => None,
+        };
+        let listener = concord_gateway::ClientListener::with_options(
+            listener,
+            concord_gateway::ListenerOptions {
+                tls: handshaker,
+                ping_policy: concord_gateway::PingPolicy {
+                    min_time: ka_min_time,
+                },
+            },
+        );
         let mut stop = stop_rx.clone();
         let router = router.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        servers.push(tokio::spawn(concord_gateway::serve(
+            listener,
+            router,
+            serve_opts,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
     }
-    for addr in cfg.peer_listen_addrs()? {
+    for (addr, https) in cfg.peer_listen_urls()? {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening for peers on {addr}"))?;
-        tracing::info!(%addr, "serving peers");
+        tracing::info!(%addr, tls = https, "serving peers");
         let mut stop = stop_rx.clone();
         let svc = concord_consensus::grpc::peer_service(member.inbox(), member.attributes());
-        servers.push(tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(concord_consensus::grpc::KEEPALIVE_INTERVAL))
-                .http2_keepalive_timeout(Some(concord_consensus::grpc::KEEPALIVE_TIMEOUT))
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                )
-                .await
-                .map_err(std::io::Error::other)
-        }));
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(concord_consensus::grpc::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(concord_consensus::grpc::KEEPALIVE_TIMEOUT))
+            .add_service(svc);
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match (&tls.peer_server, https) {
+            (Some(t), true) => {
+                let incoming = concord_server::tls::tls_incoming(
+                    listener,
+                    concord_gateway::tls::Handshaker::new(t.clone()),
+                );
+                servers.push(tokio::spawn(async move {
+                    server
+                        .serve_with_incoming_shutdown(incoming, stopped)
+                        .await
+                        .map_err(std::io::Error::other)
+                }));
+            }
+            _ => servers.push(tokio::spawn(async move {
+                server
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
+                        stopped,
+                    )
+                    .await
+                    .map_err(std::io::Error::other)
+            })),
+        }
     }
     eprintln!("concord ready: member {:x}", member.identity().member_id);
     let failed = tokio::select! {
