@@ -138,6 +138,9 @@ struct Slot {
     peer_url: String,
     client_url: String,
     port: u16,
+    /// The client port's listener, held from the slot's creation until its member
+    /// first serves, so no other process on the machine takes the port meanwhile.
+    reserved: Option<TcpListener>,
     dir: PathBuf,
     initial_cluster: String,
     existing: bool,
@@ -225,9 +228,8 @@ impl SimCluster {
         let name = format!("s{}", i + 1);
         // Peer URLs only name members on the in-process network; nothing listens there.
         let peer_url = format!("http://127.0.0.1:{}", 20_000 + i);
-        let probe = TcpListener::bind("127.0.0.1:0").await?;
-        let port = probe.local_addr()?.port();
-        drop(probe);
+        let reserved = TcpListener::bind("127.0.0.1:0").await?;
+        let port = reserved.local_addr()?.port();
         self.slots.push(Slot {
             id: member_id(std::slice::from_ref(&peer_url), &self.token),
             client_url: format!("http://127.0.0.1:{port}"),
@@ -235,6 +237,7 @@ impl SimCluster {
             name,
             peer_url,
             port,
+            reserved: Some(reserved),
             initial_cluster: String::new(),
             existing,
             running: None,
@@ -283,7 +286,10 @@ impl SimCluster {
         let s = &mut self.slots[i];
         self.net
             .serve_attributes(s.id, &s.peer_url, member.attributes());
-        let listener = bind_port(s.port).await?;
+        let listener = match s.reserved.take() {
+            Some(l) => l,
+            None => bind_port(s.port).await?,
+        };
         let (stop, stop_rx) = watch::channel(false);
         let router = member.router(concord_gateway::Limits::default());
         let server = tokio::spawn(serve(listener, router, stop_rx));
