@@ -677,6 +677,10 @@ fn decode(kind: u8, p: &[u8]) -> std::result::Result<Record, String> {
         }
         T_ENTRY => {
             let (index, term, data) = indexed(p)?;
+            if index == u64::MAX {
+                // Raft never gets there, and nothing could follow it.
+                return Err(format!("entry index {index} is out of range"));
+            }
             Ok(Record::Entry(Entry { index, term, data }))
         }
         T_HARD_STATE => {
@@ -691,6 +695,9 @@ fn decode(kind: u8, p: &[u8]) -> std::result::Result<Record, String> {
         }
         T_MARK => {
             let (index, term, meta) = indexed(p)?;
+            if index == u64::MAX {
+                return Err(format!("snapshot mark index {index} is out of range"));
+            }
             Ok(Record::Mark(SnapshotMark { index, term, meta }))
         }
         other => Err(format!("unknown record type {other}")),
@@ -853,20 +860,30 @@ impl Replay {
         self.snapshot = Some(m);
     }
 
+    /// The live log starts right after the snapshot mark, or at index 1 if there is
+    /// none: segments are only released up to a mark, and every later segment carries
+    /// it, so a log without one that starts later has lost its first segment.
     fn check_after_snapshot(&self, dir: &Path) -> Result<()> {
-        if let (Some(s), Some(first)) = (&self.snapshot, self.entries.first())
-            && first.index != s.index + 1
-        {
-            return Err(Error::Corrupt {
-                segment: dir.to_path_buf(),
-                offset: 0,
-                reason: format!(
-                    "gap in the log: entries resume at {} after the snapshot mark at {}",
-                    first.index, s.index
-                ),
-            });
-        }
-        Ok(())
+        let Some(first) = self.entries.first() else {
+            return Ok(());
+        };
+        let reason = match &self.snapshot {
+            // Mark indexes are below u64::MAX (`decode`).
+            Some(s) if first.index != s.index + 1 => format!(
+                "gap in the log: entries resume at {} after the snapshot mark at {}",
+                first.index, s.index
+            ),
+            None if first.index != 1 => format!(
+                "the log starts at entry {} with no snapshot mark before it: a segment is missing",
+                first.index
+            ),
+            _ => return Ok(()),
+        };
+        Err(Error::Corrupt {
+            segment: dir.to_path_buf(),
+            offset: 0,
+            reason,
+        })
     }
 }
 
@@ -1435,6 +1452,64 @@ mod tests {
         let err = Wal::open(tmp.path(), WalOptions::default()).unwrap_err();
         assert!(
             matches!(&err, Error::Corrupt { reason, .. } if reason.contains("gap")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn entry_at_the_largest_index_is_corrupt_not_an_overflow() {
+        // Found by tests/decode_fuzz.rs: a record with a valid checksum whose entry index
+        // is u64::MAX, followed by another entry, overflowed the gap check (a panic).
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = open(tmp.path());
+            wal.append(&ents(1..=2, 1), None).unwrap();
+        }
+        let seg = last_segment(tmp.path());
+        let at = fs::metadata(&seg).unwrap().len();
+        let mut raw = Vec::new();
+        encode_entry(&mut raw, &ent(u64::MAX, 1));
+        encode_entry(&mut raw, &ent(3, 1));
+        append_bytes(&seg, &raw);
+        for opts in [WalOptions::default(), strict()] {
+            match Wal::open(tmp.path(), opts).unwrap_err() {
+                Error::Corrupt { offset, reason, .. } => {
+                    assert_eq!(offset, at);
+                    assert!(reason.contains(&u64::MAX.to_string()), "{reason}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
+        let mut raw = Vec::new();
+        encode_mark(
+            &mut raw,
+            &SnapshotMark {
+                index: u64::MAX,
+                term: 1,
+                meta: vec![],
+            },
+        );
+        fs::write(&seg, &fs::read(&seg).unwrap()[..at as usize]).unwrap();
+        append_bytes(&seg, &raw);
+        append_bytes(&seg, &raw);
+        assert!(matches!(
+            Wal::open(tmp.path(), WalOptions::default()),
+            Err(Error::Corrupt { offset, .. }) if offset == at
+        ));
+    }
+
+    #[test]
+    fn log_without_a_mark_must_start_at_one() {
+        // Segments are only released up to a snapshot mark, which every later segment
+        // carries: without a mark, a log starting later lost its first segment.
+        let tmp = tempfile::tempdir().unwrap();
+        drop(open(tmp.path()));
+        let mut raw = Vec::new();
+        encode_entry(&mut raw, &ent(5, 1));
+        append_bytes(&last_segment(tmp.path()), &raw);
+        let err = Wal::open(tmp.path(), WalOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { reason, .. } if reason.contains("starts at entry 5")),
             "{err:?}"
         );
     }
