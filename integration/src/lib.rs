@@ -524,6 +524,22 @@ impl Etcd {
     }
 }
 
+/// What a differential test judges an `etcdctl` command by: its exit status, stdout,
+/// and the `Error:` lines of stderr (the rest of stderr is client-side logging with
+/// timestamps).
+pub fn etcdctl_transcript(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let out = etcdctl(endpoint, args, stdin)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("Error:")).collect();
+    Ok(format!(
+        "exit={}\n{}{}",
+        out.status.code().unwrap_or(-1),
+        stdout,
+        errors.join("\n")
+    ))
+}
+
 /// Runs `etcdctl --endpoints <endpoint> <args>` (API v3), feeding `stdin` if given.
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
     use std::io::Write;

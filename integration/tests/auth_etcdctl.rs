@@ -3,7 +3,7 @@
 //! `concord` and against a real etcd started by the test. Outputs must be equal once
 //! ids and ports are normalised.
 
-use concord_integration::{Concord, Etcd, etcdctl};
+use concord_integration::{Concord, Etcd, etcdctl_transcript};
 use regex::Regex;
 
 const ROOT: &str = "--user=root:rootpw";
@@ -148,20 +148,10 @@ impl Normaliser {
     }
 }
 
-/// A command's exit status, stdout, and the `Error:` lines of stderr (the rest of
-/// stderr is client-side logging with timestamps).
+/// A command's transcript ([`etcdctl_transcript`]), normalised.
 fn run(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let out = etcdctl(endpoint, args, stdin).expect("etcdctl runs");
-    let n = Normaliser::new(endpoint);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("Error:")).collect();
-    n.apply(&format!(
-        "exit={}\n{}{}",
-        out.status.code().unwrap_or(-1),
-        stdout,
-        errors.join("\n")
-    ))
+    let out = etcdctl_transcript(endpoint, args, stdin).expect("etcdctl runs");
+    Normaliser::new(endpoint).apply(&out)
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! real etcd started by the test; outputs must be equal once member/cluster ids, ports,
 //! timings, sizes and raft counters are normalised.
 
-use concord_integration::{Concord, Etcd, etcdctl};
+use concord_integration::{Concord, Etcd, etcdctl_transcript};
 use regex::Regex;
 
 /// `(args, stdin)`; each runs as `etcdctl --endpoints <ep> <args>`.
@@ -101,20 +101,10 @@ impl Normaliser {
     }
 }
 
-/// What a command is judged by: exit status, stdout, and the `Error:` lines of stderr
-/// (the rest of stderr is client-side logging with timestamps).
+/// A command's transcript ([`etcdctl_transcript`]), normalised.
 fn run(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let out = etcdctl(endpoint, args, stdin).expect("etcdctl runs");
-    let n = Normaliser::new(endpoint);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("Error:")).collect();
-    n.apply(&format!(
-        "exit={}\n{}{}",
-        out.status.code().unwrap_or(-1),
-        stdout,
-        errors.join("\n")
-    ))
+    let out = etcdctl_transcript(endpoint, args, stdin).expect("etcdctl runs");
+    Normaliser::new(endpoint).apply(&out)
 }
 
 #[tokio::test]
