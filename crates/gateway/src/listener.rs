@@ -52,6 +52,16 @@ const MAX_PING_STRIKES: u32 = 2;
 /// How long a GOAWAY waits for the server's current frame to end before the
 /// connection is closed without it.
 const GOAWAY_WAIT: Duration = Duration::from_secs(1);
+/// HTTP/2 connection flow-control window the server grants a client. Beyond bounding
+/// unread bytes, h2 (since 0.4.20) sets from it a budget for small DATA frames not yet
+/// read by their handlers (half the window, each frame costing 256 bytes less its
+/// size) and sends `GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames"` when it runs out.
+/// Each new watch or keep-alive stream opens with one small frame, so with hyper's
+/// 1 MiB default a client that opens a few thousand streams on one connection faster
+/// than their handlers start (a Kubernetes API server's watches on a loaded machine)
+/// was cut off. 16 MiB (grpc-go's largest BDP window) budgets about 32,000 such
+/// frames in flight.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// How often a client may ping (etcd's `--grpc-keepalive-min-time`, grpc-go's
 /// `EnforcementPolicy.MinTime`). See the module docs.
@@ -212,6 +222,7 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(opts.max_concurrent_streams)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(opts.keepalive_interval)
         .keep_alive_timeout(opts.keepalive_timeout);
     let builder = Arc::new(builder);
@@ -544,6 +555,80 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for WriteOnly<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Thousands of streams on one connection, each opened with one small DATA frame
+    /// that its handler has not read yet, are all served (hyper's default window let
+    /// h2 cut the connection off at about 2,200).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_unread_small_frames_do_not_cut_the_connection() {
+        const STREAMS: usize = 8_000;
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (a, r) = (arrived.clone(), release.clone());
+        let router = axum::Router::new().route(
+            "/s",
+            axum::routing::post(move |body: axum::body::Body| {
+                let (a, r) = (a.clone(), r.clone());
+                async move {
+                    a.add_permits(1);
+                    // Every handler waits until all streams have arrived unread.
+                    r.acquire().await.unwrap().forget();
+                    let mut data = body.into_data_stream();
+                    let first = data.next().await.unwrap().unwrap();
+                    first.len().to_string()
+                }
+            }),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            ClientListener::new(tcp),
+            router,
+            ServeOptions::default(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let io = TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut replies = Vec::with_capacity(STREAMS);
+        let mut bodies = Vec::with_capacity(STREAMS);
+        for _ in 0..STREAMS {
+            let mut c = client.clone().ready().await.unwrap();
+            let req = http::Request::post(format!("http://{addr}/s"))
+                .body(())
+                .unwrap();
+            let (reply, mut body) = c.send_request(req, false).unwrap();
+            // A gRPC message's size: a 5-byte prefix and a short WatchCreateRequest.
+            body.send_data(Bytes::from_static(&[7; 20]), false).unwrap();
+            replies.push(reply);
+            bodies.push(body);
+        }
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            arrived.acquire_many(STREAMS as u32),
+        )
+        .await;
+        assert!(
+            waited.is_ok(),
+            "only {} of {STREAMS} streams reached their handler (conn: {:?})",
+            arrived.available_permits(),
+            conn.is_finished()
+        );
+        release.add_permits(STREAMS);
+        for reply in replies {
+            let reply = reply.await.expect("stream answered");
+            assert_eq!(reply.status(), 200);
+            let mut b = reply.into_body();
+            assert_eq!(b.data().await.unwrap().unwrap(), Bytes::from_static(b"20"));
+        }
+        drop(bodies);
+        let _ = stop_tx.send(());
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    }
 
     #[test]
     fn ping_policy_is_grpc_gos() {
