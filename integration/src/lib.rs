@@ -474,6 +474,7 @@ pub fn etcd_bin() -> Option<PathBuf> {
 pub struct Etcd {
     pub proc: Proc,
     pub client_port: u16,
+    scheme: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -485,11 +486,21 @@ impl Etcd {
     /// Like [`Etcd::start`], with extra command-line flags (e.g.
     /// `--max-request-bytes`, `--experimental-watch-progress-notify-interval`).
     pub async fn start_with(extra: &[&str]) -> Result<Etcd> {
+        let e = Etcd::spawn("http", extra)?;
+        wait_answering(&e.endpoint(), READY_DEADLINE)
+            .await
+            .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
+        Ok(e)
+    }
+
+    /// Starts etcd with client URLs of `scheme` (`http`, or `https` with the
+    /// certificate flags in `extra`) and `extra` flags, without waiting for it.
+    pub fn spawn(scheme: &str, extra: &[&str]) -> Result<Etcd> {
         let bin = etcd_bin().context("etcd not installed (apt-get install etcd-server)")?;
         let tmp = tempfile::Builder::new().prefix("etcd-ref").tempdir()?;
         let client_port = free_port();
         let peer = format!("http://127.0.0.1:{}", free_port());
-        let client = format!("http://127.0.0.1:{client_port}");
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let mut cmd = Command::new(bin);
         cmd.arg("--name")
             .arg("n1")
@@ -508,19 +519,16 @@ impl Etcd {
             .args(extra)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
         let proc = Proc::spawn(cmd, tmp.path().join("etcd.log"))?;
-        let e = Etcd {
+        Ok(Etcd {
             proc,
             client_port,
+            scheme: scheme.to_string(),
             _tmp: tmp,
-        };
-        wait_answering(&e.endpoint(), READY_DEADLINE)
-            .await
-            .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
-        Ok(e)
+        })
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
     }
 }
 

@@ -13,7 +13,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
-use crate::{Proc, READY_DEADLINE, concord_bin, free_port, wait_until};
+use crate::{Etcd, Proc, READY_DEADLINE, answered, concord_bin, free_port, wait_until};
 
 /// A certificate authority of the test.
 pub struct Ca {
@@ -296,4 +296,18 @@ impl TlsMember {
         .await
         .inspect_err(|_| eprintln!("concord log:\n{}", self.proc.log()))
     }
+}
+
+/// A real etcd (the reference) serving `https` client URLs with `args` (its
+/// certificate flags among them), waited for with `tls`.
+pub async fn start_etcd_tls(args: &[&str], tls: &ClientTls) -> Result<Etcd> {
+    let e = Etcd::spawn("https", args)?;
+    let url = e.endpoint();
+    wait_until(READY_DEADLINE, &url, || async {
+        let mut c = connect_tls(&url, tls).await?;
+        answered(c.get("health", None).await)
+    })
+    .await
+    .inspect_err(|_| eprintln!("etcd log:\n{}", e.proc.log()))?;
+    Ok(e)
 }
