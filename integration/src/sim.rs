@@ -291,7 +291,10 @@ impl SimCluster {
             None => bind_port(s.port).await?,
         };
         let (stop, stop_rx) = watch::channel(false);
-        let router = member.router(concord_gateway::Limits::default());
+        let router = member.router(
+            concord_gateway::Limits::default(),
+            concord_gateway::Telemetry::default(),
+        );
         let server = tokio::spawn(serve(listener, router, stop_rx));
         s.running = Some(Running {
             member,

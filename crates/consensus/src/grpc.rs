@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use concord_storage::SnapshotFile;
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -50,6 +50,8 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 const SEND_STALL: Duration = Duration::from_secs(3);
 /// A stream that ends sooner than this counts as a failed attempt (back off).
 const SHORT_STREAM: Duration = Duration::from_secs(1);
+/// How often the round trip to each peer is measured.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The TLS client configuration for `https://` peers, asked for at every connection.
 pub type PeerTls = Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>;
@@ -211,6 +213,8 @@ impl GrpcTransport {
             .insert(id, tx);
         match self.endpoint(url) {
             Ok(ep) => {
+                self.runtime
+                    .spawn(probe_loop(id, ep.clone(), tx_weak(&self.queues, id)));
                 self.runtime.spawn(peer_loop(id, ep, rx, inbox.clone()));
             }
             Err(e) => {
@@ -257,6 +261,13 @@ impl Transport for GrpcTransport {
                 Ok(bytes) => {
                     if q.try_send(bytes).is_err() {
                         tracing::debug!(to = m.to, "peer queue full; message dropped");
+                        let to = crate::metrics::id_label(m.to);
+                        ::metrics::counter!(crate::metrics::PEER_SENT_FAILURES, "To" => to)
+                            .increment(1);
+                        if m.get_msg_type() == MessageType::MsgHeartbeat {
+                            ::metrics::counter!(crate::metrics::HEARTBEAT_SEND_FAILURES)
+                                .increment(1);
+                        }
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "encoding a raft message"),
@@ -308,9 +319,52 @@ impl Transport for GrpcTransport {
     }
 }
 
+/// A weak handle on a peer's queue: the peer's prober ends once the queue is gone.
+fn tx_weak(
+    queues: &Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
+    id: u64,
+) -> Option<mpsc::WeakSender<Vec<u8>>> {
+    queues
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&id)
+        .map(mpsc::Sender::downgrade)
+}
+
+/// Measures the round trip to a peer every [`PROBE_INTERVAL`] with a small call on a
+/// connection of its own (etcd's prober), for `etcd_network_peer_round_trip_time_seconds`,
+/// until the peer is removed.
+async fn probe_loop(id: u64, ep: PeerEndpoint, queue: Option<mpsc::WeakSender<Vec<u8>>>) {
+    let Some(queue) = queue else { return };
+    let to = crate::metrics::id_label(id);
+    let rtt = ::metrics::histogram!(crate::metrics::PEER_RTT, "To" => to);
+    let mut client = None;
+    let mut every = tokio::time::interval(PROBE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while queue.upgrade().is_some() {
+        every.tick().await;
+        if client.is_none() {
+            client = ep.connect().await.ok().map(PeerClient::new);
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, c.attributes(Done {})).await {
+            Ok(Ok(_)) => rtt.record(started.elapsed().as_secs_f64()),
+            _ => client = None,
+        }
+    }
+}
+
 /// Keeps a stream open to one peer and feeds it from the peer's queue.
 async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, inbox: Inbox) {
     let mut reported = false;
+    let active = ::metrics::gauge!(
+        crate::metrics::ACTIVE_PEERS,
+        "Local" => crate::metrics::id_label(inbox.id()),
+        "Remote" => crate::metrics::id_label(id)
+    );
+    let sent =
+        ::metrics::counter!(crate::metrics::PEER_SENT_BYTES, "To" => crate::metrics::id_label(id));
     loop {
         let channel = match ep.connect().await {
             Ok(c) => c,
@@ -331,7 +385,10 @@ async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, i
         };
         reported = false;
         let began = std::time::Instant::now();
-        if !stream_to(channel, &mut rx).await {
+        active.set(1.0);
+        let more = stream_to(channel, &mut rx, &sent).await;
+        active.set(0.0);
+        if !more {
             return;
         }
         inbox.unreachable(id);
@@ -343,7 +400,11 @@ async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, i
 
 /// Streams batches until the stream breaks (returns true: reconnect) or the queue
 /// closes (false: the node is gone).
-async fn stream_to(channel: Channel, rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
+async fn stream_to(
+    channel: Channel,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    sent: &::metrics::Counter,
+) -> bool {
     let mut client = PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -372,6 +433,7 @@ async fn stream_to(channel: Channel, rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
                         if !matches!(r, Ok(Ok(()))) {
                             return true;
                         }
+                        sent.increment(size as u64);
                     }
                     _ = &mut call => return true,
                 }

@@ -28,6 +28,7 @@ pub mod local;
 mod log;
 mod logger;
 mod membership;
+pub mod metrics;
 mod node;
 mod transport;
 

@@ -80,6 +80,8 @@ impl Inbox {
     /// Decodes and delivers a message received as bytes.
     pub fn step_bytes(&self, bytes: &[u8]) -> Result<()> {
         let msg = Message::parse_from_bytes(bytes).map_err(Error::decode("raft message"))?;
+        ::metrics::counter!(crate::metrics::PEER_RECEIVED_BYTES, "From" => crate::metrics::id_label(msg.from))
+            .increment(bytes.len() as u64);
         self.step(msg);
         Ok(())
     }

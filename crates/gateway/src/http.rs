@@ -31,7 +31,25 @@ pub fn router<B: HealthBackend + ?Sized>(backend: Arc<B>) -> Router {
         .with_state(backend)
 }
 
+/// `/health` alone: what etcd serves beside `/metrics` on `--listen-metrics-urls`.
+pub fn health_router<B: HealthBackend + ?Sized>(backend: Arc<B>) -> Router {
+    Router::new()
+        .route("/health", get(health::<B>))
+        .with_state(backend)
+}
+
 async fn health<B: HealthBackend + ?Sized>(State(b): State<Arc<B>>) -> Response {
+    let r = health_answer(&*b).await;
+    let counter = if r.status().is_success() {
+        crate::telemetry::HEALTH_SUCCESS
+    } else {
+        crate::telemetry::HEALTH_FAILURES
+    };
+    metrics::counter!(counter).increment(1);
+    r
+}
+
+async fn health_answer<B: HealthBackend + ?Sized>(b: &B) -> Response {
     let alarms = b.alarms();
     if !alarms.is_empty() {
         let reason = alarms

@@ -43,6 +43,7 @@ mod listener;
 mod lock;
 mod maintenance;
 mod rest;
+pub mod telemetry;
 pub mod tls;
 mod validate;
 mod watch;
@@ -71,6 +72,7 @@ pub use lease::{FORWARDED_KEY, LeaseService};
 pub use listener::{ClientListener, ListenerOptions, PingPolicy, ServeOptions, serve};
 pub use lock::LockService;
 pub use maintenance::{ClusterService, MaintenanceService};
+pub use telemetry::{GrpcMetricsLayer, Telemetry};
 pub use tls::ClientCertificate;
 /// The attribute the backend traits are declared with; implementors use it too, so they
 /// need no direct tonic dependency.
@@ -153,6 +155,11 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> axum::Router {
 /// One router for the client port: gRPC (HTTP/2) services, etcd's HTTP/JSON API
 /// (`/v3/...`, served by the same service values) and the HTTP endpoints.
 pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
+    router_with(b, limits, Telemetry::default())
+}
+
+/// [`router_for`] with the request layers' settings (etcd's `--metrics`).
+pub fn router_with(b: Backends, limits: Limits, telemetry: Telemetry) -> axum::Router {
     let max = limits.max_grpc_message();
     let recipes = b.recipes();
     let auth = &b.auth;
@@ -186,7 +193,8 @@ pub fn router_for(b: Backends, limits: Limits) -> axum::Router {
         .add_service(lock)
         .add_service(election)
         .add_service(auth)
-        .into_axum_router();
+        .into_axum_router()
+        .layer(GrpcMetricsLayer::new(telemetry));
     grpc.merge(rest)
         .merge(http::router(b.health))
         .fallback(fallback)

@@ -145,6 +145,8 @@ impl KeyIndex {
 #[derive(Debug, Default)]
 pub struct Index {
     keys: BTreeMap<Vec<u8>, KeyIndex>,
+    /// Keys whose newest generation is alive (etcd's `keys_total`).
+    live: usize,
 }
 
 impl Index {
@@ -156,12 +158,30 @@ impl Index {
         self.keys.len()
     }
 
+    /// Keys that exist now (not deleted).
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
     pub fn put(&mut self, key: &[u8], rev: Revision) {
-        self.entry(key).put(rev);
+        self.changing(key, |ki| ki.put(rev));
     }
 
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
-        self.entry(key).tombstone(rev);
+        self.changing(key, |ki| ki.tombstone(rev));
+    }
+
+    /// Applies `f` to the key's index, keeping the count of live keys.
+    fn changing(&mut self, key: &[u8], f: impl FnOnce(&mut KeyIndex)) {
+        let ki = self.entry(key);
+        let was = ki.is_live_now();
+        f(ki);
+        let now = ki.is_live_now();
+        match (was, now) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
     }
 
     /// Replays a record read back from disk on start-up.
@@ -173,14 +193,15 @@ impl Index {
         version: i64,
         tombstone: bool,
     ) {
-        let ki = self.entry(key);
-        if tombstone {
-            ki.tombstone(rev);
-        } else if ki.is_live_now() {
-            ki.put(rev);
-        } else {
-            ki.restore(created, rev, version);
-        }
+        self.changing(key, |ki| {
+            if tombstone {
+                ki.tombstone(rev);
+            } else if ki.is_live_now() {
+                ki.put(rev);
+            } else {
+                ki.restore(created, rev, version);
+            }
+        });
     }
 
     fn entry(&mut self, key: &[u8]) -> &mut KeyIndex {

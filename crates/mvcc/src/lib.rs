@@ -35,6 +35,7 @@ mod error;
 pub mod failpoints;
 mod index;
 mod maintenance;
+pub mod metrics;
 mod snapshot;
 mod store;
 pub mod types;

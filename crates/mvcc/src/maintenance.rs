@@ -44,6 +44,13 @@ impl Store {
     /// As etcd: [`Error::Compacted`] if `revision` is at or below the compacted
     /// revision, [`Error::FutureRevision`] if it is above the current one.
     pub fn hash_kv(&self, revision: i64) -> Result<KvHash> {
+        let started = std::time::Instant::now();
+        let r = self.hash_kv_inner(revision);
+        ::metrics::histogram!(crate::metrics::HASH_SECONDS).record(started.elapsed().as_secs_f64());
+        r
+    }
+
+    fn hash_kv_inner(&self, revision: i64) -> Result<KvHash> {
         let shared = &*self.shared;
         let (snap, current, compacted) = {
             let st = shared.read_state();
@@ -141,6 +148,16 @@ impl Store {
     /// readers nor writers wait for it: RocksDB compacts from immutable files while
     /// new writes go to the memtable, and its background jobs keep running.
     pub fn defragment(&self) -> Result<()> {
+        use crate::metrics as m;
+        ::metrics::gauge!(m::DEFRAG_INFLIGHT).set(1.0);
+        let started = std::time::Instant::now();
+        let r = self.defragment_inner();
+        ::metrics::histogram!(m::DEFRAG_SECONDS).record(started.elapsed().as_secs_f64());
+        ::metrics::gauge!(m::DEFRAG_INFLIGHT).set(0.0);
+        r
+    }
+
+    fn defragment_inner(&self) -> Result<()> {
         let shared = &*self.shared;
         let mut opts = CompactOptions::default();
         opts.set_exclusive_manual_compaction(false);

@@ -160,6 +160,7 @@ impl Store {
         thread::Builder::new()
             .name("mvcc-export".into())
             .spawn(move || {
+                let started = std::time::Instant::now();
                 let shared = &*store.shared;
                 // No write batch may be half-published while the point in time is taken.
                 let guard = store.writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -218,7 +219,10 @@ impl Store {
                 }
                 chunk.push(TAG_END);
                 chunk.extend_from_slice(&count.to_be_bytes());
-                let _ = tx.send(Ok(chunk));
+                if tx.send(Ok(chunk)).is_ok() {
+                    ::metrics::histogram!(crate::metrics::SNAPSHOT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                }
             })
             .map_err(|e| Error::Storage(format!("spawning the export thread: {e}")))?;
         ready_rx

@@ -494,13 +494,19 @@ fn apply_command(
         }
         Command::LeaseGrant(g) => {
             let ttl = leases.apply_grant(w, g.id, g.ttl)?;
+            ::metrics::counter!(crate::metrics::LEASE_GRANTED).increment(1);
+            ::metrics::histogram!(crate::metrics::LEASE_TTL).record(ttl as f64);
             Applied::LeaseGrant {
                 id: g.id,
                 ttl,
                 revision: w.revision(),
             }
         }
-        Command::LeaseRevoke(r) => Applied::LeaseRevoke(leases.apply_revoke(w, r.id)?),
+        Command::LeaseRevoke(r) => {
+            let revoked = leases.apply_revoke(w, r.id)?;
+            ::metrics::counter!(crate::metrics::LEASE_REVOKED).increment(1);
+            Applied::LeaseRevoke(revoked)
+        }
         Command::LeaseCheckpoint(cps) => {
             leases.apply_checkpoint(w, &cps);
             Applied::LeaseCheckpoint
@@ -527,6 +533,7 @@ impl StateMachine for KvMachine {
 
     fn apply(&mut self, cmds: &[Committed<'_>]) -> crate::error::Result<Vec<Output>> {
         fail::fail_point!(crate::failpoints::APPLY_BEFORE_BATCH);
+        let started = std::time::Instant::now();
         let mut writer = self.store.writer()?;
         let tables = Tables {
             store: &self.store,
@@ -544,6 +551,12 @@ impl StateMachine for KvMachine {
         let (_, changes) = writer.commit_changes(last)?;
         fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
         crate::watch::publish_changes(&self.hub, changes);
+        if let Some(last) = last {
+            ::metrics::gauge!(crate::metrics::APPLIED).set(last as f64);
+        }
+        if started.elapsed() > crate::metrics::SLOW_APPLY_AFTER {
+            ::metrics::counter!(crate::metrics::SLOW_APPLY).increment(1);
+        }
         Ok(outputs)
     }
 
@@ -556,6 +569,7 @@ impl StateMachine for KvMachine {
         let mut w = self.store.writer()?;
         let list = self.members.apply_change(&mut w, change);
         w.commit(Some(index))?;
+        ::metrics::gauge!(crate::metrics::APPLIED).set(index as f64);
         Ok(Ok(Applied::Members(list)))
     }
 
@@ -571,7 +585,11 @@ impl StateMachine for KvMachine {
     ) -> crate::error::Result<()> {
         use crate::error::Error;
         fail::fail_point!(crate::failpoints::SNAPSHOT_BEFORE_INSTALL);
-        self.store.import(image, index)?;
+        ::metrics::gauge!(crate::metrics::SNAPSHOT_APPLY).set(1.0);
+        let imported = self.store.import(image, index);
+        ::metrics::gauge!(crate::metrics::SNAPSHOT_APPLY).set(0.0);
+        imported?;
+        ::metrics::gauge!(crate::metrics::APPLIED).set(index as f64);
         self.leases
             .reload(&self.store)
             .map_err(Error::table("leases"))?;

@@ -63,12 +63,15 @@ impl ClusterApi {
         if !self.learner_ready(id) {
             return Err(ApiError::LearnerNotReady);
         }
-        self.change_members(MemberChange {
-            kind: ChangeKind::AddVoter,
-            id,
-            context: Vec::new(),
-        })
-        .await
+        let members = self
+            .change_members(MemberChange {
+                kind: ChangeKind::AddVoter,
+                id,
+                context: Vec::new(),
+            })
+            .await?;
+        ::metrics::counter!(crate::metrics::LEARNER_PROMOTED).increment(1);
+        Ok(members)
     }
 }
 

@@ -96,6 +96,14 @@ pub struct Args {
     /// bcrypt cost of the password hashes (4 to 31; etcd's default 10).
     #[arg(long)]
     pub bcrypt_cost: Option<u32>,
+    // --- Observability ---
+    /// `basic` or `extensive` (adds the gRPC handling-time histograms), as etcd.
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// URLs serving only `/metrics` and `/health` (comma-separated; `https` ones use
+    /// the client certificate).
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
     // --- TLS and listener hardening (etcd's flags) ---
     /// Client server TLS certificate file.
     #[arg(long)]
@@ -224,6 +232,8 @@ pub struct Config {
     pub auth_token: String,
     pub auth_token_ttl: u64,
     pub bcrypt_cost: u32,
+    pub metrics: String,
+    pub listen_metrics_urls: String,
     // --- TLS and listener hardening ---
     pub cert_file: String,
     pub key_file: String,
@@ -290,7 +300,9 @@ impl Config {
             .set_default("force_new_cluster", false)?
             .set_default("auth_token", "simple")?
             .set_default("auth_token_ttl", 300)?
-            .set_default("bcrypt_cost", crate::auth::DEFAULT_BCRYPT_COST)?;
+            .set_default("bcrypt_cost", crate::auth::DEFAULT_BCRYPT_COST)?
+            .set_default("metrics", "basic")?
+            .set_default("listen_metrics_urls", "")?;
         // TLS and listener hardening (etcd's defaults).
         for k in [
             "cert_file",
@@ -354,6 +366,8 @@ impl Config {
             .set_override_option("auth_token", a.auth_token)?
             .set_override_option("auth_token_ttl", a.auth_token_ttl)?
             .set_override_option("bcrypt_cost", a.bcrypt_cost)?
+            .set_override_option("metrics", a.metrics)?
+            .set_override_option("listen_metrics_urls", a.listen_metrics_urls)?
             // TLS and listener hardening.
             .set_override_option("cert_file", a.cert_file)?
             .set_override_option("key_file", a.key_file)?
@@ -437,6 +451,8 @@ impl Config {
         self.auth_options()?;
         self.lease_checkpoint_interval()?;
         self.grpc_keepalive()?;
+        self.extensive_metrics()?;
+        self.metrics_listen_urls()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",
@@ -538,6 +554,26 @@ impl Config {
             out.extend(parse_url(&u)?.into_iter().map(|a| (a, is_https(&u))));
         }
         Ok(out)
+    }
+
+    /// `--listen-metrics-urls` as addresses, each with whether it is `https`.
+    pub fn metrics_listen_urls(&self) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
+        let mut out = Vec::new();
+        for u in split_urls(&self.listen_metrics_urls) {
+            out.extend(parse_url(&u)?.into_iter().map(|a| (a, is_https(&u))));
+        }
+        Ok(out)
+    }
+
+    /// `--metrics`: whether the extensive set is asked for.
+    pub fn extensive_metrics(&self) -> Result<bool, ConfigError> {
+        match self.metrics.as_str() {
+            "basic" => Ok(false),
+            "extensive" => Ok(true),
+            other => Err(ConfigError::Invalid(format!(
+                "unknown --metrics {other:?} (want \"basic\" or \"extensive\")"
+            ))),
+        }
     }
 
     /// `--grpc-keepalive-min-time`, `-interval`, `-timeout` as durations.

@@ -265,6 +265,7 @@ impl Lessor {
             return Renewal::NotFound;
         }
         l.expiry = Some(Instant::now() + Duration::from_secs(l.rec.ttl.max(0) as u64));
+        ::metrics::counter!(crate::metrics::LEASE_RENEWED).increment(1);
         Renewal::Renewed {
             ttl: l.rec.ttl,
             restore: l.rec.remaining_ms != FULL,

@@ -89,6 +89,7 @@ async fn clock(node: Weak<LeaseApi>) {
             continue;
         }
         for id in node.lessor.take_expired(REVOKES_PER_TICK, REVOKE_RETRY) {
+            ::metrics::counter!(crate::metrics::LEASE_EXPIRED).increment(1);
             let n = node.clone();
             tokio::spawn(async move {
                 tracing::debug!(lease = format!("{id:x}"), "lease expired; revoking");

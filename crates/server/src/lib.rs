@@ -52,6 +52,7 @@ mod lease_node;
 mod maintenance;
 pub mod member;
 pub mod membership;
+pub mod metrics;
 pub mod tasks;
 pub mod tls;
 pub mod watch;

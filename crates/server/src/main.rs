@@ -183,6 +183,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
         tls.peer_client.clone(),
     );
+    // Before the member opens, so its metrics are registered with the exporter.
+    let exporter = Exporter::install()?;
     let member = Member::open(&cfg, transport)
         .await
         .with_context(|| format!("opening {}", cfg.data_dir))?;
@@ -190,7 +192,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
     };
-    let router = member.router(limits);
+    let telemetry = concord_gateway::Telemetry {
+        extensive: cfg.extensive_metrics()?,
+    };
+    let router = member.router(limits, telemetry);
+    let router = router.merge(exporter.router());
     #[cfg(feature = "failpoints")]
     let router = router.merge(concord_server::failpoints::router());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -223,6 +229,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         servers.push(tokio::spawn(concord_gateway::serve(
             listener,
             router,
+            serve_opts,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
+    }
+    for (addr, https) in cfg.metrics_listen_urls()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
+        tracing::info!(%addr, tls = https, "serving metrics");
+        let handshaker = match (&tls.client, https) {
+            (Some(t), true) => Some(concord_gateway::tls::Handshaker::new(t.clone())),
+            _ => None,
+        };
+        let listener = concord_gateway::ClientListener::with_options(
+            listener,
+            concord_gateway::ListenerOptions {
+                tls: handshaker,
+                ..Default::default()
+            },
+        );
+        // etcd's metrics URLs serve /metrics and /health only.
+        let metrics_router = exporter
+            .router()
+            .merge(concord_gateway::http::health_router(
+                member.backends().health,
+            ));
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(concord_gateway::serve(
+            listener,
+            metrics_router,
             serve_opts,
             async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -302,6 +340,66 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         anyhow::bail!("stopped after a fatal error (see the log above)");
     }
     Ok(())
+}
+
+/// The Prometheus exporter: the process-wide recorder every crate's metrics go to,
+/// with etcd's buckets, and the Go client's `process_*` metrics.
+#[derive(Clone)]
+struct Exporter {
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    process: std::sync::Arc<metrics_process::Collector>,
+}
+
+impl Exporter {
+    fn install() -> anyhow::Result<Exporter> {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        let mut b = PrometheusBuilder::new();
+        for (name, buckets) in concord_server::metrics::histograms() {
+            b = b.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
+        }
+        let handle = b
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        concord_server::metrics::describe_all();
+        let process = metrics_process::Collector::default();
+        process.describe();
+        process.collect();
+        // Histograms' samples are folded in when scraped; this bounds their memory
+        // between scrapes.
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                h.run_upkeep();
+            }
+        });
+        Ok(Exporter {
+            handle,
+            process: std::sync::Arc::new(process),
+        })
+    }
+
+    /// `GET /metrics` in Prometheus's text format.
+    fn router(&self) -> axum::Router {
+        let me = self.clone();
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let me = me.clone();
+                async move {
+                    me.process.collect();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        me.handle.render(),
+                    )
+                }
+            }),
+        )
+    }
 }
 
 async fn shutdown_signal() {

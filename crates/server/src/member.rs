@@ -220,6 +220,8 @@ impl Member {
             "learn-attributes",
             learn_attributes(Arc::downgrade(&core), transport.clone()),
         );
+        crate::metrics::record_member(identity.member_id, cfg.quota_backend_bytes);
+        tasks.spawn("db-size", record_db_size(Arc::downgrade(&core)));
         Ok(Member {
             kv: Arc::new(KvApi { core: core.clone() }),
             watch: Arc::new(WatchApi {
@@ -256,8 +258,12 @@ impl Member {
     }
 
     /// The client port's router (gRPC services and HTTP endpoints) over this member.
-    pub fn router(&self, limits: concord_gateway::Limits) -> axum::Router {
-        concord_gateway::router_for(self.backends(), limits)
+    pub fn router(
+        &self,
+        limits: concord_gateway::Limits,
+        telemetry: concord_gateway::Telemetry,
+    ) -> axum::Router {
+        concord_gateway::router_with(self.backends(), limits, telemetry)
     }
 
     pub fn identity(&self) -> Identity {
@@ -511,5 +517,17 @@ async fn detect_removal(node: Weak<Core>, transport: Arc<dyn Transport>) {
             n.members.mark_removed();
             return;
         }
+    }
+}
+
+/// Keeps the store's size gauges current (etcd updates them on every backend commit;
+/// RocksDB's size properties are read once a second instead).
+async fn record_db_size(core: std::sync::Weak<Core>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        core.store.size_on_disk();
     }
 }

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 
 pub mod failpoints;
 mod fsutil;
+pub mod metrics;
 pub mod snap;
 pub mod wal;
 

@@ -20,6 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use tracing::{debug, error, warn};
 
@@ -452,6 +453,7 @@ impl Wal {
             return Err(self.poisoned_by("write", e));
         }
         self.active_len += self.buf.len() as u64;
+        ::metrics::gauge!(crate::metrics::WAL_WRITE_BYTES).increment(self.buf.len() as f64);
         if self.buf.capacity() > KEEP_BUF {
             // One huge batch should not pin its memory for the life of the node.
             self.buf = Vec::new();
@@ -460,7 +462,10 @@ impl Wal {
         if crate::failpoints::planted(crate::failpoints::BUG_ACK_BEFORE_FSYNC) {
             return Ok(());
         }
+        let started = Instant::now();
         let synced = take_injected(&mut self.fail_sync_in).and_then(|()| self.active.sync_data());
+        ::metrics::histogram!(crate::metrics::WAL_FSYNC_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         if let Err(e) = synced {
             return Err(self.poisoned_by("fsync", e));
         }

@@ -158,12 +158,14 @@ pub(crate) fn sync_round(shared: &Shared) -> bool {
             let Some(s) = st.streams.get(&w.stream) else {
                 continue;
             };
+            let n = evs.len();
             if !s
                 .outbox
                 .try_push_events(w.events_response(header_rev, evs.into()))
             {
                 continue;
             }
+            crate::metrics::sent(n);
             if let Some(w) = st.watchers.get_mut(&c.key) {
                 w.sent = true;
             }

@@ -112,10 +112,12 @@ impl Hub {
             let Some(stream) = streams.get(&watcher.stream) else {
                 continue;
             };
+            let n = evs.len();
             if stream
                 .outbox
                 .try_push_events(watcher.events_response(revision, evs))
             {
+                crate::metrics::sent(n);
                 watcher.next_rev = revision + 1;
                 watcher.sent = true;
             } else {
@@ -183,6 +185,7 @@ impl Hub {
                 progress_pending: false,
             },
         );
+        st.record_gauges();
         WatchStream {
             shared: self.shared.clone(),
             id,

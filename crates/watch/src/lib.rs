@@ -37,6 +37,7 @@
 mod catchup;
 mod hub;
 mod interval;
+pub mod metrics;
 mod state;
 mod stream;
 mod types;

@@ -98,6 +98,7 @@ impl State {
         if let Some(s) = self.streams.get_mut(&watcher.stream) {
             s.unsynced += 1;
         }
+        self.record_gauges();
     }
 
     /// Puts an unsynced watcher (whose `next_rev` is past the current revision) back
@@ -121,7 +122,9 @@ impl State {
             Some(end) => self.ranges.insert(&watcher.key, end, w),
         }
         self.unsynced.remove(&w);
-        if let Some(s) = self.streams.get_mut(&watcher.stream) {
+        let stream = watcher.stream;
+        self.record_gauges();
+        if let Some(s) = self.streams.get_mut(&stream) {
             s.unsynced -= 1;
             if s.unsynced == 0 && s.progress_pending {
                 s.progress_pending = false;
@@ -138,6 +141,7 @@ impl State {
         self.unsync(w);
         let watcher = self.watchers.remove(&w)?;
         self.unsynced.remove(&w);
+        self.record_gauges();
         let current = self.current;
         let s = self.streams.get_mut(&watcher.stream)?;
         s.unsynced -= 1;

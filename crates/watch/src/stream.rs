@@ -84,6 +84,7 @@ impl WatchStream {
             },
         );
         st.unsynced.insert(key);
+        st.record_gauges();
         self.outbox.push_control(Response::Created {
             watch_id: id,
             revision: current,
@@ -225,6 +226,7 @@ impl Drop for WatchStream {
             st.remove(k);
         }
         st.streams.remove(&self.id);
+        st.record_gauges();
         drop(st);
         self.outbox.close();
     }

@@ -105,6 +105,7 @@ impl<O: Send + 'static> Driver<O> {
         for b in &mut self.reads.in_flight {
             if ticks - b.issued_tick >= READ_RETRY_TICKS {
                 b.issued_tick = ticks;
+                ::metrics::counter!(crate::metrics::SLOW_READ_INDEXES).increment(1);
                 self.raw.read_index(b.ctx.clone());
             }
         }
@@ -121,6 +122,7 @@ impl<O: Send + 'static> Driver<O> {
                         // Leadership is being transferred.
                         Error::LeaderChanged
                     };
+                    ::metrics::counter!(crate::metrics::PROPOSALS_FAILED).increment(1);
                     self.shared.complete(id, Err(err));
                 }
             }
@@ -347,6 +349,21 @@ impl<O: Send + 'static> Driver<O> {
         let role: Role = r.state.into();
         let (term, commit, last_index) = (r.term, r.raft_log.committed, r.raft_log.last_index());
         let conf = self.raw.store().conf_state.clone();
+        {
+            use crate::metrics as m;
+            ::metrics::gauge!(m::HAS_LEADER).set(if leader != 0 { 1.0 } else { 0.0 });
+            ::metrics::gauge!(m::IS_LEADER).set(if role == Role::Leader { 1.0 } else { 0.0 });
+            let learner = conf.learners.contains(&self.cfg.id);
+            ::metrics::gauge!(m::IS_LEARNER).set(if learner { 1.0 } else { 0.0 });
+            ::metrics::gauge!(m::PROPOSALS_COMMITTED).set(commit as f64);
+            let pending = self
+                .shared
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len();
+            ::metrics::gauge!(m::PROPOSALS_PENDING).set(pending as f64);
+        }
         self.shared.state.send_if_modified(|s| {
             let membership_changed =
                 s.membership.voters != conf.voters || s.membership.learners != conf.learners;
@@ -383,6 +400,9 @@ impl<O: Send + 'static> Driver<O> {
             );
             if self.leader != 0 {
                 self.reads.fail_all(|| Error::LeaderChanged);
+            }
+            if leader != 0 {
+                ::metrics::counter!(crate::metrics::LEADER_CHANGES).increment(1);
             }
             self.leader = leader;
         }

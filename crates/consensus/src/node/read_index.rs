@@ -18,6 +18,15 @@ pub(super) struct Reads {
 
 impl Reads {
     pub(super) fn fail_all(&mut self, e: fn() -> Error) {
+        let failed = self.new.len()
+            + self
+                .in_flight
+                .iter()
+                .map(|b| b.waiters.len())
+                .sum::<usize>();
+        if failed > 0 {
+            ::metrics::counter!(crate::metrics::READ_INDEXES_FAILED).increment(failed as u64);
+        }
         for w in self.new.drain(..) {
             let _ = w.send(Err(e()));
         }

@@ -56,11 +56,17 @@ impl Store {
             total += prop(cf, "rocksdb.total-sst-files-size") + mem;
             live += prop(cf, "rocksdb.estimate-live-data-size") + mem;
         }
+        crate::metrics::record_sizes(total, live.min(total));
         (total, live.min(total))
     }
 
     /// Serves a range read from committed state.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        crate::metrics::OpCounts {
+            ranges: 1,
+            ..Default::default()
+        }
+        .record();
         let st = self.shared.read_state();
         let at = read_revision(&st, req.revision)?;
         let plan = Plan::new(req);
@@ -90,10 +96,15 @@ impl Store {
         };
         let path = compare_path(&view, req)?;
         check_ranges(&view, req, &path, st.current)?;
+        let mut ops = crate::metrics::OpCounts::default();
         let mut resp = run_path(req, &path, &mut 0, &mut |op| match op {
-            RequestOp::Range(r) => Ok(ResponseOp::Range(view.range(r)?)),
+            RequestOp::Range(r) => {
+                ops.ranges += 1;
+                Ok(ResponseOp::Range(view.range(r)?))
+            }
             _ => unreachable!("read_txn is only called for read-only txns"),
         })?;
+        ops.record();
         resp.header_revision = st.current;
         Ok(resp)
     }

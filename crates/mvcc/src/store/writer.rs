@@ -167,11 +167,21 @@ impl Writer<'_> {
             changes: Vec::new(),
             overlay: &mut self.overlay,
         };
+        let mut ops = crate::metrics::OpCounts::default();
         let result = run_path(req, &path, &mut 0, &mut |op| {
             Ok(match op {
-                RequestOp::Range(r) => ResponseOp::Range(exec.view(shared, &st).range(r)?),
-                RequestOp::Put(p) => ResponseOp::Put(exec.put(shared, &st, p)?),
-                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(exec.delete(shared, &st, d)?),
+                RequestOp::Range(r) => {
+                    ops.ranges += 1;
+                    ResponseOp::Range(exec.view(shared, &st).range(r)?)
+                }
+                RequestOp::Put(p) => {
+                    ops.puts += 1;
+                    ResponseOp::Put(exec.put(shared, &st, p)?)
+                }
+                RequestOp::DeleteRange(d) => {
+                    ops.deletes += 1;
+                    ResponseOp::DeleteRange(exec.delete(shared, &st, d)?)
+                }
                 RequestOp::Txn(_) => unreachable!("run_path recurses into nested txns itself"),
             })
         });
@@ -179,6 +189,7 @@ impl Writer<'_> {
         drop(st);
         match result {
             Ok(mut resp) => {
+                ops.record();
                 if sub > 0 {
                     self.rev += 1;
                 }
@@ -349,7 +360,11 @@ impl Writer<'_> {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(self.store.sync_writes);
-        if let Err(e) = shared.db.write_opt(batch, &wo) {
+        let started = std::time::Instant::now();
+        let written = shared.db.write_opt(batch, &wo);
+        ::metrics::histogram!(crate::metrics::COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = written {
             let why = e.into_string();
             tracing::error!(error = %why, "mvcc write failed; store poisoned");
             *self
@@ -373,6 +388,10 @@ impl Writer<'_> {
             }
             st.current = self.rev;
             st.compacted = self.compacted;
+            use crate::metrics as m;
+            ::metrics::gauge!(m::CURRENT_REVISION).set(st.current as f64);
+            ::metrics::gauge!(m::COMPACT_REVISION).set(st.compacted as f64);
+            ::metrics::gauge!(m::KEYS).set(st.index.live() as f64);
         }
         for (rev, wait) in self.compactions.drain(..) {
             self.store.schedule_compaction(rev, wait);
