@@ -174,6 +174,8 @@ pub fn describe() {
         "The total number of successful health checks"
     );
     describe_counter!(HEALTH_FAILURES, "The total number of failed health checks");
+    counter!(HEALTH_SUCCESS).increment(0);
+    counter!(HEALTH_FAILURES).increment(0);
 }
 
 /// One method's handles, made on first use (or when the layer is built, for the
