@@ -30,6 +30,7 @@ mod logger;
 mod membership;
 pub mod metrics;
 mod node;
+mod trace;
 mod transport;
 
 #[allow(clippy::all, missing_docs)]
