@@ -169,6 +169,21 @@ fn load_tls(cfg: &Config) -> anyhow::Result<Tls> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let tls = load_tls(&cfg)?;
+    // Before the member starts: its threads take their tracers from the provider.
+    let tracing = match cfg.tracing()? {
+        Some(opts) => {
+            let t = concord_server::trace::install(&opts).context("distributed tracing")?;
+            tracing::info!(
+                address = %cfg.distributed_tracing_address,
+                service_name = %opts.service_name,
+                instance_id = opts.instance_id.as_deref().unwrap_or(""),
+                sampling_rate = opts.samples_per_million,
+                "distributed tracing enabled"
+            );
+            Some(t)
+        }
+        None => None,
+    };
     let (ka_min_time, ka_interval, ka_timeout) = cfg.grpc_keepalive()?;
     // Outgoing peer connections bind to the host this member listens on for peers, so
     // a peer (or a test's fault proxy) can tell members apart by source address.
@@ -336,6 +351,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     drop(router);
     member.shutdown().await;
+    if let Some(t) = tracing {
+        // The spans still buffered, including this shutdown's.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     if failed {
         anyhow::bail!("stopped after a fatal error (see the log above)");
     }
