@@ -166,7 +166,7 @@ pub struct Args {
     #[arg(long)]
     pub grpc_keepalive_timeout: Option<String>,
     // --- end of TLS and listener hardening ---
-    // --- Distributed tracing (etcd 3.5's names; 3.6's as aliases) ---
+    // --- Distributed tracing and log format (etcd 3.5's names; 3.6's as aliases) ---
     /// Export OpenTelemetry spans of requests, proposals, commits and applies.
     #[arg(
         long = "experimental-enable-distributed-tracing",
@@ -201,6 +201,10 @@ pub struct Args {
         allow_negative_numbers = true
     )]
     pub distributed_tracing_sampling_rate: Option<i64>,
+    /// `text` (default; etcd's `console` is the same) or `json`: one JSON object per
+    /// line with the event's fields.
+    #[arg(long)]
+    pub log_format: Option<String>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -296,6 +300,7 @@ pub struct Config {
     pub distributed_tracing_service_name: String,
     pub distributed_tracing_instance_id: String,
     pub distributed_tracing_sampling_rate: i64,
+    pub log_format: String,
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -373,13 +378,14 @@ impl Config {
             .set_default("grpc_keepalive_min_time", "5s")?
             .set_default("grpc_keepalive_interval", "2h")?
             .set_default("grpc_keepalive_timeout", "20s")?;
-        // Distributed tracing (etcd's defaults).
+        // Distributed tracing and log format (etcd's defaults; text logs as before).
         b = b
             .set_default("enable_distributed_tracing", false)?
             .set_default("distributed_tracing_address", "localhost:4317")?
             .set_default("distributed_tracing_service_name", "etcd")?
             .set_default("distributed_tracing_instance_id", "")?
-            .set_default("distributed_tracing_sampling_rate", 0)?;
+            .set_default("distributed_tracing_sampling_rate", 0)?
+            .set_default("log_format", "text")?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -453,7 +459,8 @@ impl Config {
             .set_override_option(
                 "distributed_tracing_sampling_rate",
                 a.distributed_tracing_sampling_rate,
-            )?;
+            )?
+            .set_override_option("log_format", a.log_format)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -516,6 +523,17 @@ impl Config {
         }))
     }
 
+    /// `--log-format`: whether log lines are JSON objects.
+    pub fn json_logs(&self) -> Result<bool, ConfigError> {
+        match self.log_format.as_str() {
+            "text" | "console" => Ok(false),
+            "json" => Ok(true),
+            other => Err(ConfigError::Invalid(format!(
+                "invalid value {other:?} for --log-format: use text or json"
+            ))),
+        }
+    }
+
     /// How the auth store runs: `--auth-token`, `--auth-token-ttl`, `--bcrypt-cost`.
     pub fn auth_options(&self) -> Result<crate::auth::AuthOptions, ConfigError> {
         let (kind, opts) = self
@@ -554,6 +572,7 @@ impl Config {
         self.extensive_metrics()?;
         self.metrics_listen_urls()?;
         self.tracing()?;
+        self.json_logs()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",
@@ -902,6 +921,19 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let c = Config::load(&Args::default()).unwrap();
+        assert_eq!(c.log_format, "text");
+        assert!(!c.json_logs().unwrap());
+        let a = Args::try_parse_from(["concord", "--log-format", "json"]).unwrap();
+        assert!(Config::load(&a).unwrap().json_logs().unwrap());
+        let a = Args::try_parse_from(["concord", "--log-format=console"]).unwrap();
+        assert!(!Config::load(&a).unwrap().json_logs().unwrap());
+        let e = Config::load(&args(|a| a.log_format = Some("xml".into())));
+        assert!(e.unwrap_err().to_string().contains("--log-format"));
     }
 
     #[test]
