@@ -148,6 +148,16 @@ impl Cluster {
     /// Starts all members at once and waits until every one answers a linearizable
     /// read (printing every member's log if one does not).
     pub async fn start(kind: Kind, opts: ClusterOptions) -> Result<Cluster> {
+        Self::start_each(kind, opts, |_| Vec::new()).await
+    }
+
+    /// Like [`Cluster::start`], with `own(i)`'s flags for member `i` only (after
+    /// `opts.extra`), e.g. an id of its own.
+    pub async fn start_each(
+        kind: Kind,
+        opts: ClusterOptions,
+        own: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Cluster> {
         let n = opts.size;
         ensure!(n >= 1, "a cluster needs at least one member");
         if opts.proxied {
@@ -213,6 +223,7 @@ impl Cluster {
             flag("--initial-cluster-state", "new");
             flag("--initial-cluster-token", &token);
             args.extend(opts.extra.iter().map(OsString::from));
+            args.extend(own(i).into_iter().map(OsString::from));
             members.push(Member {
                 name,
                 client_port,

@@ -15,6 +15,10 @@
 //! machine records it ([`StateMachine::apply_change`]), and on restart the changes the
 //! state machine has applied are replayed from the log into Raft's configuration.
 //!
+//! Tracing: a proposal's OpenTelemetry context travels in its Raft entry to the
+//! leader and to every member that applies it, with forward, proposal, commit and
+//! apply spans (the `trace` module; nothing is recorded for untraced proposals).
+//!
 //! Not: what the commands mean (the state machine's business), client-facing errors
 //! (callers map [`Error`]), or where members are reached (the transport's business).
 //!
@@ -30,6 +34,7 @@ mod logger;
 mod membership;
 pub mod metrics;
 mod node;
+mod trace;
 mod transport;
 
 #[allow(clippy::all, missing_docs)]

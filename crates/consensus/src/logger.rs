@@ -1,5 +1,7 @@
 //! raft-rs logs through `slog`; this drain hands its records to `tracing`, so the node
-//! has one log stream with one filter.
+//! has one log stream with one filter. Fields that print whole messages or entries
+//! (raft-rs's `msg` at debug, `ents` at trace) are left out: entries hold clients'
+//! keys and values, which never go into the log.
 
 use std::fmt::Write as _;
 
@@ -9,9 +11,14 @@ struct TracingDrain;
 
 struct Fields(String);
 
+/// raft-rs's fields whose values print entries' data.
+const WITH_USER_DATA: &[&str] = &["msg", "ents"];
+
 impl slog::Serializer for Fields {
     fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
-        let _ = write!(self.0, " {key}={val}");
+        if !WITH_USER_DATA.contains(&key) {
+            let _ = write!(self.0, " {key}={val}");
+        }
         Ok(())
     }
 }
@@ -40,4 +47,20 @@ impl Drain for TracingDrain {
 /// A logger for raft-rs tagged with the member id.
 pub(crate) fn raft_logger(id: u64) -> slog::Logger {
     slog::Logger::root(TracingDrain, slog::o!("raft_id" => format!("{id:x}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slog::Serializer as _;
+
+    #[test]
+    fn fields_with_entries_are_left_out() {
+        let mut f = Fields(String::new());
+        f.emit_arguments("to", &format_args!("2")).unwrap();
+        f.emit_arguments("msg", &format_args!("entries {{data: \"secret\"}}"))
+            .unwrap();
+        f.emit_arguments("ents", &format_args!("[secret]")).unwrap();
+        assert_eq!(f.0, " to=2");
+    }
 }

@@ -19,7 +19,8 @@
 //! the client-port listener and connection loop ([`ClientListener`], [`serve`]: TLS
 //! termination with [`tls::Handshaker`], etcd's stream and keep-alive limits) and the
 //! [`ClientCertificate`] it puts into every request of a client with a verified
-//! certificate.
+//! certificate; the request spans of distributed tracing ([`trace`], off unless the
+//! process turns them on).
 //!
 //! The Maintenance service frames `Snapshot` as etcd does: the backend hands over an
 //! image ([`SnapshotImage`]), the gateway streams it in chunks with `remaining_bytes`
@@ -45,6 +46,7 @@ mod maintenance;
 mod rest;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 mod validate;
 mod watch;
 
@@ -194,7 +196,8 @@ pub fn router_with(b: Backends, limits: Limits, telemetry: Telemetry) -> axum::R
         .add_service(election)
         .add_service(auth)
         .into_axum_router()
-        .layer(GrpcMetricsLayer::new(telemetry));
+        .layer(GrpcMetricsLayer::new(telemetry))
+        .layer(trace::TraceLayer);
     grpc.merge(rest)
         .merge(http::router(b.health))
         .fallback(fallback)

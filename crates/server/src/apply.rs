@@ -246,6 +246,23 @@ impl Command {
         )
     }
 
+    /// The command's kind, for spans and logs (never its keys or values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Put(_) => "put",
+            Command::DeleteRange(_) => "delete_range",
+            Command::Txn(_) => "txn",
+            Command::Compact(_) => "compact",
+            Command::LeaseGrant(_) => "lease_grant",
+            Command::LeaseRevoke(_) => "lease_revoke",
+            Command::LeaseCheckpoint(_) => "lease_checkpoint",
+            Command::MemberUpdate(_) => "member_update",
+            Command::Alarm(_) => "alarm",
+            Command::Auth(_) => "auth",
+            Command::As(inner) => inner.1.kind(),
+        }
+    }
+
     /// This command as `by` proposes it: with its caller attached unless that makes
     /// no difference (an anonymous caller's command that a member never proposes).
     pub fn by(self, by: &concord_gateway::Caller) -> Command {

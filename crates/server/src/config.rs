@@ -166,6 +166,45 @@ pub struct Args {
     #[arg(long)]
     pub grpc_keepalive_timeout: Option<String>,
     // --- end of TLS and listener hardening ---
+    // --- Distributed tracing and log format (etcd 3.5's names; 3.6's as aliases) ---
+    /// Export OpenTelemetry spans of requests, proposals, commits and applies.
+    #[arg(
+        long = "experimental-enable-distributed-tracing",
+        alias = "enable-distributed-tracing",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub enable_distributed_tracing: Option<bool>,
+    /// The OTLP/gRPC collector, `host:port` (default localhost:4317).
+    #[arg(
+        long = "experimental-distributed-tracing-address",
+        alias = "distributed-tracing-address"
+    )]
+    pub distributed_tracing_address: Option<String>,
+    /// `service.name` of the spans (default etcd); the same on every member.
+    #[arg(
+        long = "experimental-distributed-tracing-service-name",
+        alias = "distributed-tracing-service-name"
+    )]
+    pub distributed_tracing_service_name: Option<String>,
+    /// `service.instance.id` of the spans, unique per member (no default).
+    #[arg(
+        long = "experimental-distributed-tracing-instance-id",
+        alias = "distributed-tracing-instance-id"
+    )]
+    pub distributed_tracing_instance_id: Option<String>,
+    /// Requests without a sampled parent traced per million (default 0: only those
+    /// whose caller's trace is sampled).
+    #[arg(
+        long = "experimental-distributed-tracing-sampling-rate",
+        alias = "distributed-tracing-sampling-rate",
+        allow_negative_numbers = true
+    )]
+    pub distributed_tracing_sampling_rate: Option<i64>,
+    /// `text` (default; etcd's `console` is the same) or `json`: one JSON object per
+    /// line with the event's fields.
+    #[arg(long)]
+    pub log_format: Option<String>,
 }
 
 /// Parses a Go `time.Duration` string: a sequence of decimal numbers with units
@@ -256,6 +295,12 @@ pub struct Config {
     pub grpc_keepalive_interval: String,
     pub grpc_keepalive_timeout: String,
     // --- end of TLS and listener hardening ---
+    pub enable_distributed_tracing: bool,
+    pub distributed_tracing_address: String,
+    pub distributed_tracing_service_name: String,
+    pub distributed_tracing_instance_id: String,
+    pub distributed_tracing_sampling_rate: i64,
+    pub log_format: String,
 }
 
 /// A duration flag's value, which must be a positive Go duration.
@@ -333,6 +378,14 @@ impl Config {
             .set_default("grpc_keepalive_min_time", "5s")?
             .set_default("grpc_keepalive_interval", "2h")?
             .set_default("grpc_keepalive_timeout", "20s")?;
+        // Distributed tracing and log format (etcd's defaults; text logs as before).
+        b = b
+            .set_default("enable_distributed_tracing", false)?
+            .set_default("distributed_tracing_address", "localhost:4317")?
+            .set_default("distributed_tracing_service_name", "etcd")?
+            .set_default("distributed_tracing_instance_id", "")?
+            .set_default("distributed_tracing_sampling_rate", 0)?
+            .set_default("log_format", "text")?;
         if let Some(f) = &args.config_file {
             b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
         }
@@ -392,6 +445,22 @@ impl Config {
             .set_override_option("grpc_keepalive_min_time", a.grpc_keepalive_min_time)?
             .set_override_option("grpc_keepalive_interval", a.grpc_keepalive_interval)?
             .set_override_option("grpc_keepalive_timeout", a.grpc_keepalive_timeout)?;
+        b = b
+            .set_override_option("enable_distributed_tracing", a.enable_distributed_tracing)?
+            .set_override_option("distributed_tracing_address", a.distributed_tracing_address)?
+            .set_override_option(
+                "distributed_tracing_service_name",
+                a.distributed_tracing_service_name,
+            )?
+            .set_override_option(
+                "distributed_tracing_instance_id",
+                a.distributed_tracing_instance_id,
+            )?
+            .set_override_option(
+                "distributed_tracing_sampling_rate",
+                a.distributed_tracing_sampling_rate,
+            )?
+            .set_override_option("log_format", a.log_format)?;
         let mut c: Config = b.build()?.try_deserialize()?;
         if c.data_dir.is_empty() {
             c.data_dir = format!("{}.concord", c.name);
@@ -414,6 +483,55 @@ impl Config {
     /// `--lease-checkpoint-interval` as a duration.
     pub fn lease_checkpoint_interval(&self) -> Result<std::time::Duration, ConfigError> {
         positive_duration("lease-checkpoint-interval", &self.lease_checkpoint_interval)
+    }
+
+    /// `--experimental-distributed-tracing-*`: the tracing settings, or `None` when
+    /// tracing is off (the default). The sampling rate's bounds and texts are etcd's.
+    pub fn tracing(&self) -> Result<Option<crate::trace::TracingOptions>, ConfigError> {
+        let rate = self.distributed_tracing_sampling_rate;
+        if rate < 0 {
+            return Err(ConfigError::Invalid(
+                "tracing sampling rate must be positive".into(),
+            ));
+        }
+        let max = crate::trace::SAMPLES_PER_MILLION;
+        if rate > i64::from(max) {
+            return Err(ConfigError::Invalid(format!(
+                "tracing sampling rate must be less than {max}"
+            )));
+        }
+        let address = self.distributed_tracing_address.trim();
+        let endpoint = match address.split_once("://") {
+            None if !address.is_empty() => format!("http://{address}"),
+            Some(("http", rest)) if !rest.is_empty() => address.to_string(),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid value {address:?} for --experimental-distributed-tracing-address: \
+                     use host:port (OTLP over gRPC without TLS, as etcd)"
+                )));
+            }
+        };
+        if !self.enable_distributed_tracing {
+            return Ok(None);
+        }
+        let id = &self.distributed_tracing_instance_id;
+        Ok(Some(crate::trace::TracingOptions {
+            endpoint,
+            service_name: self.distributed_tracing_service_name.clone(),
+            instance_id: (!id.is_empty()).then(|| id.clone()),
+            samples_per_million: rate as u32,
+        }))
+    }
+
+    /// `--log-format`: whether log lines are JSON objects.
+    pub fn json_logs(&self) -> Result<bool, ConfigError> {
+        match self.log_format.as_str() {
+            "text" | "console" => Ok(false),
+            "json" => Ok(true),
+            other => Err(ConfigError::Invalid(format!(
+                "invalid value {other:?} for --log-format: use text or json"
+            ))),
+        }
     }
 
     /// How the auth store runs: `--auth-token`, `--auth-token-ttl`, `--bcrypt-cost`.
@@ -453,6 +571,8 @@ impl Config {
         self.grpc_keepalive()?;
         self.extensive_metrics()?;
         self.metrics_listen_urls()?;
+        self.tracing()?;
+        self.json_logs()?;
         if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
             return bad(format!(
                 "invalid value {:?} for --initial-cluster-state: use new or existing",
@@ -721,6 +841,99 @@ mod tests {
         assert_eq!((c.name.as_str(), c.max_txn_ops), ("n1", 9));
         assert_eq!(c.initial_cluster_token, "t");
         assert_eq!(c.data_dir, "n1.concord");
+    }
+
+    #[test]
+    fn distributed_tracing_flags() {
+        // Off by default, with etcd's defaults for the rest.
+        let c = Config::load(&Args::default()).unwrap();
+        assert!(!c.enable_distributed_tracing);
+        assert_eq!(c.distributed_tracing_address, "localhost:4317");
+        assert_eq!(c.distributed_tracing_service_name, "etcd");
+        assert_eq!(c.distributed_tracing_instance_id, "");
+        assert_eq!(c.distributed_tracing_sampling_rate, 0);
+        assert_eq!(c.tracing().unwrap(), None);
+        // etcd 3.5's flag names.
+        let a = Args::try_parse_from([
+            "concord",
+            "--experimental-enable-distributed-tracing",
+            "--experimental-distributed-tracing-address",
+            "127.0.0.1:4999",
+            "--experimental-distributed-tracing-service-name",
+            "kv",
+            "--experimental-distributed-tracing-instance-id",
+            "n1",
+            "--experimental-distributed-tracing-sampling-rate",
+            "1000000",
+        ])
+        .unwrap();
+        let t = Config::load(&a).unwrap().tracing().unwrap().unwrap();
+        assert_eq!(
+            t,
+            crate::trace::TracingOptions {
+                endpoint: "http://127.0.0.1:4999".into(),
+                service_name: "kv".into(),
+                instance_id: Some("n1".into()),
+                samples_per_million: 1_000_000,
+            }
+        );
+        // etcd 3.6's names, `=true`, and a URL with its scheme.
+        let a = Args::try_parse_from([
+            "concord",
+            "--enable-distributed-tracing=true",
+            "--distributed-tracing-address=http://collector:4317",
+            "--distributed-tracing-sampling-rate=100",
+        ])
+        .unwrap();
+        let t = Config::load(&a).unwrap().tracing().unwrap().unwrap();
+        assert_eq!(t.endpoint, "http://collector:4317");
+        assert_eq!((t.instance_id, t.samples_per_million), (None, 100));
+        assert_eq!(t.service_name, "etcd");
+        // From the config file, as the other settings.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "enable_distributed_tracing = true\ndistributed_tracing_sampling_rate = 7\n",
+        )
+        .unwrap();
+        let c = Config::load(&args(|a| a.config_file = Some(f.clone()))).unwrap();
+        assert_eq!(c.tracing().unwrap().unwrap().samples_per_million, 7);
+        // etcd's bounds and texts.
+        for (rate, text) in [
+            (-1, "tracing sampling rate must be positive"),
+            (1_000_001, "tracing sampling rate must be less than 1000000"),
+        ] {
+            let a = Args::try_parse_from([
+                "concord".to_string(),
+                format!("--experimental-distributed-tracing-sampling-rate={rate}"),
+            ])
+            .unwrap();
+            let e = Config::load(&a).unwrap_err().to_string();
+            assert_eq!(e, text);
+        }
+        for bad in ["", "https://collector:4317", "http://"] {
+            let e = Config::load(&args(|a| a.distributed_tracing_address = Some(bad.into())));
+            assert!(
+                e.unwrap_err()
+                    .to_string()
+                    .contains("--experimental-distributed-tracing-address"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let c = Config::load(&Args::default()).unwrap();
+        assert_eq!(c.log_format, "text");
+        assert!(!c.json_logs().unwrap());
+        let a = Args::try_parse_from(["concord", "--log-format", "json"]).unwrap();
+        assert!(Config::load(&a).unwrap().json_logs().unwrap());
+        let a = Args::try_parse_from(["concord", "--log-format=console"]).unwrap();
+        assert!(!Config::load(&a).unwrap().json_logs().unwrap());
+        let e = Config::load(&args(|a| a.log_format = Some("xml".into())));
+        assert!(e.unwrap_err().to_string().contains("--log-format"));
     }
 
     #[test]

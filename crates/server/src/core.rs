@@ -104,11 +104,17 @@ impl Core {
     }
 
     pub(crate) async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
-        Ok(self
-            .raft
-            .propose(&cmd.encode())
-            .await
-            .map_err(raft_error)??)
+        let proposal = async {
+            Ok(self
+                .raft
+                .propose(&cmd.encode())
+                .await
+                .map_err(raft_error)??)
+        };
+        if crate::trace::sampled() {
+            return crate::trace::propose(cmd.kind(), self.identity.member_id, proposal).await;
+        }
+        proposal.await
     }
 
     /// Proposes a client's command as `caller`: the apply path checks its permissions.

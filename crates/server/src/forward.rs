@@ -59,5 +59,9 @@ pub(crate) fn forwarded_request<T>(msg: T) -> tonic::Request<T> {
         concord_gateway::FORWARDED_KEY,
         tonic::metadata::MetadataValue::from_static("1"),
     );
+    // The leader's request span continues this request's trace.
+    if crate::trace::sampled() {
+        crate::trace::inject(r.metadata_mut());
+    }
     r
 }

@@ -55,6 +55,7 @@ pub mod membership;
 pub mod metrics;
 pub mod tasks;
 pub mod tls;
+pub mod trace;
 pub mod watch;
 
 pub use member::Member;

@@ -12,22 +12,60 @@ use tracing_subscriber::EnvFilter;
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
-    #[cfg(feature = "failpoints")]
-    let _failpoints = concord_server::failpoints::setup();
     let args = Args::parse();
     let cfg = Config::load(&args)?;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
-        .context("--log-level")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(&cfg)?;
+    // After the logs: its panic hook wraps theirs.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = concord_server::failpoints::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("concord")
         .build()?;
     runtime.block_on(serve(cfg))
+}
+
+/// The log subscriber: `--log-level` (or `RUST_LOG`) and `--log-format` (`json`: one
+/// object per line, the event's fields at the top level beside `timestamp`, `level`,
+/// `message` and `target`; a panic is such a line too, not Rust's text report).
+fn init_logs(cfg: &Config) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .context("--log-level")?;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.json_logs()? {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+        std::panic::set_hook(Box::new(log_panic));
+    } else {
+        logs.init();
+    }
+    Ok(())
+}
+
+/// A panic as an error event (`--log-format json`), with the backtrace when
+/// `RUST_BACKTRACE` asks for one.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let panic = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("<unnamed>");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(target: "panic", thread, location, panic, %backtrace, "thread panicked");
+    } else {
+        tracing::error!(target: "panic", thread, location, panic, "thread panicked");
+    }
 }
 
 /// The client and peer TLS material of this member, from the flags.
@@ -169,6 +207,21 @@ fn load_tls(cfg: &Config) -> anyhow::Result<Tls> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let tls = load_tls(&cfg)?;
+    // Before the member starts: its threads take their tracers from the provider.
+    let tracing = match cfg.tracing()? {
+        Some(opts) => {
+            let t = concord_server::trace::install(&opts).context("distributed tracing")?;
+            tracing::info!(
+                address = %cfg.distributed_tracing_address,
+                service_name = %opts.service_name,
+                instance_id = opts.instance_id.as_deref().unwrap_or(""),
+                sampling_rate = opts.samples_per_million,
+                "distributed tracing enabled"
+            );
+            Some(t)
+        }
+        None => None,
+    };
     let (ka_min_time, ka_interval, ka_timeout) = cfg.grpc_keepalive()?;
     // Outgoing peer connections bind to the host this member listens on for peers, so
     // a peer (or a test's fault proxy) can tell members apart by source address.
@@ -306,7 +359,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             })),
         }
     }
-    eprintln!("concord ready: member {:x}", member.identity().member_id);
+    if cfg.json_logs()? {
+        let member_id = format!("{:x}", member.identity().member_id);
+        tracing::info!(%member_id, "concord ready");
+    } else {
+        eprintln!("concord ready: member {:x}", member.identity().member_id);
+    }
     let failed = tokio::select! {
         _ = shutdown_signal() => false,
         _ = member.removed() => {
@@ -336,6 +394,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     drop(router);
     member.shutdown().await;
+    if let Some(t) = tracing {
+        // The spans still buffered, including this shutdown's.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     if failed {
         anyhow::bail!("stopped after a fatal error (see the log above)");
     }

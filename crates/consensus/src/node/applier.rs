@@ -15,6 +15,7 @@ pub(super) struct Applier<S: StateMachine> {
     pub(super) applied: u64,
     pub(super) applied_term: u64,
     pub(super) snapshotting: Arc<AtomicBool>,
+    pub(super) spans: crate::trace::ApplySpans,
 }
 
 impl<S: StateMachine> Applier<S> {
@@ -42,6 +43,8 @@ impl<S: StateMachine> Applier<S> {
     pub(super) fn apply(&mut self, ents: Vec<Entry>, confs: HashMap<u64, ConfState>) -> Result<()> {
         let mut cmds = Vec::with_capacity(ents.len());
         let mut ids = Vec::with_capacity(ents.len());
+        // (index, trace context) of the traced commands in `cmds`.
+        let mut traced = Vec::new();
         for e in &ents {
             if e.index <= self.applied {
                 continue;
@@ -50,6 +53,9 @@ impl<S: StateMachine> Applier<S> {
                 EntryType::EntryNormal if e.data.len() >= 8 => {
                     let (id, data) = e.data.split_at(8);
                     ids.push(u64::from_be_bytes(id.try_into().expect("8 bytes")));
+                    if !e.context.is_empty() {
+                        traced.push((e.index, e.context.clone()));
+                    }
                     cmds.push(Committed {
                         index: e.index,
                         term: e.term,
@@ -60,7 +66,7 @@ impl<S: StateMachine> Applier<S> {
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     // Commands before it are applied first, in order.
-                    self.apply_commands(&mut cmds, &mut ids)?;
+                    self.apply_commands(&mut cmds, &mut ids, &mut traced)?;
                     let (_, change, proposal) = membership::from_entry(&e.data)?;
                     let cs = confs.get(&e.index).cloned().unwrap_or_default();
                     let out = self
@@ -78,7 +84,7 @@ impl<S: StateMachine> Applier<S> {
                 }
             }
         }
-        self.apply_commands(&mut cmds, &mut ids)?;
+        self.apply_commands(&mut cmds, &mut ids, &mut traced)?;
         if let Some(last) = ents.last()
             && last.index > self.applied
         {
@@ -95,11 +101,20 @@ impl<S: StateMachine> Applier<S> {
         &mut self,
         cmds: &mut Vec<Committed<'_>>,
         ids: &mut Vec<u64>,
+        traced: &mut Vec<(u64, bytes::Bytes)>,
     ) -> Result<()> {
         if cmds.is_empty() {
             return Ok(());
         }
-        let outputs = self.sm.apply(cmds).map_err(Error::state_machine)?;
+        let spans = if traced.is_empty() {
+            Vec::new()
+        } else {
+            self.spans.start(traced, cmds.len())
+        };
+        traced.clear();
+        let outputs = self.sm.apply(cmds);
+        crate::trace::end_all(spans, outputs.is_ok());
+        let outputs = outputs.map_err(Error::state_machine)?;
         if storage::failpoints::planted(storage::failpoints::BUG_APPLY_TWICE)
             && let Some(last) = cmds.last()
         {

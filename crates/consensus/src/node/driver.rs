@@ -25,6 +25,7 @@ pub(super) struct Driver<O> {
     pub(super) cfg: Config,
     pub(super) leader: u64,
     pub(super) ticks: u64,
+    pub(super) spans: crate::trace::RaftSpans,
 }
 
 impl<O: Send + 'static> Driver<O> {
@@ -113,8 +114,13 @@ impl<O: Send + 'static> Driver<O> {
 
     pub(super) fn handle(&mut self, m: NodeMsg) -> Result<()> {
         match m {
-            NodeMsg::Propose { id, data } => {
-                if let Err(e) = self.raw.propose(Vec::new(), data) {
+            NodeMsg::Propose { id, data, trace } => {
+                let proposed = if trace.is_empty() {
+                    self.raw.propose(trace, data)
+                } else {
+                    self.propose_traced(trace, data)
+                };
+                if let Err(e) = proposed {
                     tracing::debug!(error = %e, "proposal dropped");
                     let err = if self.raw.raft.leader_id == 0 {
                         Error::NoLeader
@@ -142,7 +148,7 @@ impl<O: Send + 'static> Driver<O> {
             }
             NodeMsg::Read(w) => self.reads.new.push(w),
             NodeMsg::Step(msg) => {
-                if let Err(e) = self.raw.step(msg) {
+                if let Err(e) = self.step(msg) {
                     tracing::debug!(error = %e, "message not stepped");
                 }
             }
@@ -238,6 +244,9 @@ impl<O: Send + 'static> Driver<O> {
         if entries.is_empty() {
             return Ok(());
         }
+        if let Some(last) = entries.last() {
+            self.spans.committed(last.index);
+        }
         // Raft takes a membership change when it is handed to the apply thread (as
         // raft-rs's own examples do); the state machine records it in order.
         let mut confs = HashMap::new();
@@ -310,6 +319,9 @@ impl<O: Send + 'static> Driver<O> {
         }
         // One fsync covers the entries and the hard state (group commit).
         self.wal.append(&records, hs.map(to_storage_hs).as_ref())?;
+        if let Some(last) = entries.last() {
+            self.spans.persisted(last.index);
+        }
         let store = self.raw.mut_store();
         store.append(entries);
         if let Some(hs) = hs {
@@ -321,6 +333,7 @@ impl<O: Send + 'static> Driver<O> {
     pub(super) async fn on_ready(&mut self) -> Result<()> {
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
+        self.spans.sent();
         if !rd.snapshot().is_empty() {
             let meta = rd.snapshot().get_metadata().clone();
             self.install_snapshot(meta).await?;
@@ -339,6 +352,9 @@ impl<O: Send + 'static> Driver<O> {
         self.send(light.take_messages());
         self.apply(light.take_committed_entries()).await?;
         self.raw.advance_apply();
+        if self.raw.raft.state != StateRole::Leader {
+            self.spans.not_leader();
+        }
         self.publish_status();
         Ok(())
     }
@@ -406,5 +422,39 @@ impl<O: Send + 'static> Driver<O> {
             }
             self.leader = leader;
         }
+    }
+}
+
+/// Proposals with a trace (see `crate::trace`).
+impl<O: Send + 'static> Driver<O> {
+    /// A local proposal whose caller is traced: its entry carries the context of this
+    /// member's `raft.proposal` (leader) or `raft.forward` (follower) span.
+    fn propose_traced(&mut self, parent: Vec<u8>, data: Vec<u8>) -> raft::Result<()> {
+        let r = &self.raw.raft;
+        let before = r.raft_log.last_index();
+        let context = self
+            .spans
+            .local(parent, r.state == StateRole::Leader, r.leader_id);
+        let proposed = self.raw.propose(context, data);
+        let r = &self.raw.raft;
+        let after = r.raft_log.last_index();
+        self.spans.stepped(proposed.is_ok(), before, after, r.term);
+        proposed
+    }
+
+    /// Steps a message from a peer. On the leader, a follower's forwarded proposal
+    /// with traced entries gets `raft.proposal` spans in the follower's trace.
+    fn step(&mut self, mut msg: Message) -> raft::Result<()> {
+        let forwarded = msg.get_msg_type() == MessageType::MsgPropose
+            && self.raw.raft.state == StateRole::Leader;
+        if !forwarded || !self.spans.forwarded(&mut msg) {
+            return self.raw.step(msg);
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        let stepped = self.raw.step(msg);
+        let r = &self.raw.raft;
+        let after = r.raft_log.last_index();
+        self.spans.stepped(stepped.is_ok(), before, after, r.term);
+        stepped
     }
 }

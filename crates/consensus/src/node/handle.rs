@@ -83,15 +83,19 @@ impl<O> Drop for Unregister<'_, O> {
 
 impl<O: Send + 'static> Handle<O> {
     /// Replicates `payload` and returns the state machine's output once this member has
-    /// applied it. A follower's proposal is forwarded to the leader by Raft.
+    /// applied it. A follower's proposal is forwarded to the leader by Raft. A sampled
+    /// OpenTelemetry span current in the caller is the parent of the proposal's spans
+    /// on every member (see the `trace` module).
     /// [`Error::Timeout`] means the outcome is unknown: it may still be applied.
     pub async fn propose(&self, payload: &[u8]) -> Result<O> {
         let mut data = Vec::with_capacity(8 + payload.len());
         data.extend_from_slice(&[0; 8]);
         data.extend_from_slice(payload);
+        // The caller's trace goes with the entry (empty unless it is sampled).
+        let trace = crate::trace::current();
         self.submit(|id| {
             data[..8].copy_from_slice(&id.to_be_bytes());
-            NodeMsg::Propose { id, data }
+            NodeMsg::Propose { id, data, trace }
         })
         .await
     }

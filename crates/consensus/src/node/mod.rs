@@ -206,8 +206,16 @@ pub struct Status {
 }
 
 pub(crate) enum NodeMsg {
-    Propose { id: u64, data: Vec<u8> },
-    ProposeChange { id: u64, change: MemberChange },
+    /// `trace`: the entry's trace context (empty: not traced).
+    Propose {
+        id: u64,
+        data: Vec<u8>,
+        trace: Vec<u8>,
+    },
+    ProposeChange {
+        id: u64,
+        change: MemberChange,
+    },
     Read(oneshot::Sender<Result<u64>>),
     Step(Message),
     Unreachable(u64),

@@ -218,6 +218,7 @@ pub fn start<S: StateMachine>(
         applied,
         applied_term,
         snapshotting: Arc::new(AtomicBool::new(false)),
+        spans: crate::trace::ApplySpans::new(cfg.id),
     };
     let apply_thread = thread::Builder::new()
         .name("raft-apply".into())
@@ -236,6 +237,7 @@ pub fn start<S: StateMachine>(
         cfg: cfg.clone(),
         leader: 0,
         ticks: 0,
+        spans: crate::trace::RaftSpans::new(cfg.id),
     };
     let raft_thread = thread::Builder::new()
         .name("raft".into())
