@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod curl;
 pub mod history;
 pub mod linearizability;
+pub mod promql;
 pub mod proxy;
 pub mod sim;
 pub mod tlsutil;
