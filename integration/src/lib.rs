@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod curl;
 pub mod history;
 pub mod linearizability;
+pub mod promql;
 pub mod proxy;
 pub mod sim;
 pub mod tlsutil;
@@ -329,7 +330,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+    /// Spawns `cmd` with stdin closed and stdout and stderr to the file `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
         let out = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
