@@ -375,7 +375,9 @@ async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, i
                 }
                 inbox.unreachable(id);
                 // Whatever queued meanwhile is stale; Raft resends what it needs.
-                while rx.try_recv().is_ok() {}
+                while rx.try_recv().is_ok() {
+                    failures.increment(1);
+                }
                 tokio::time::sleep(RECONNECT_BACKOFF).await;
                 if rx.is_closed() {
                     return;
