@@ -504,7 +504,7 @@ impl Peer for PeerService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let msg = Message::parse_from_bytes(&first.message)
+        let msg: Message = crate::codec::decode(&first.message)
             .map_err(|e| Status::invalid_argument(format!("snapshot message: {e}")))?;
         let total = first.total_bytes;
         let inbox = self.inbox.clone();

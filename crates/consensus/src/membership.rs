@@ -3,7 +3,6 @@
 //! voter changes). The proposer's context bytes travel with the change; the state
 //! machine gets them back when the change is applied, with the configuration after it.
 
-use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState};
 
 use crate::error::{Error, Result};
@@ -61,8 +60,8 @@ pub(crate) fn to_raft(c: &MemberChange, proposal: u64) -> ConfChange {
 
 /// Decodes a committed change entry: the change and the proposal id.
 pub(crate) fn from_entry(data: &[u8]) -> Result<(ConfChange, MemberChange, u64)> {
-    let cc =
-        ConfChange::parse_from_bytes(data).map_err(Error::decode("membership change entry"))?;
+    let cc: ConfChange =
+        crate::codec::decode(data).map_err(Error::decode("membership change entry"))?;
     let kind = match cc.get_change_type() {
         ConfChangeType::AddNode => ChangeKind::AddVoter,
         ConfChangeType::AddLearnerNode => ChangeKind::AddLearner,
@@ -105,6 +104,8 @@ pub(crate) fn apply_simple(cs: &mut ConfState, cc: &ConfChange) {
 
 #[cfg(test)]
 mod tests {
+    use protobuf::Message as _;
+
     use super::*;
 
     #[test]

@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use concord_storage::{ImportWriter, SnapshotFile, SnapshotStore};
-use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 
@@ -79,7 +78,7 @@ impl Inbox {
 
     /// Decodes and delivers a message received as bytes.
     pub fn step_bytes(&self, bytes: &[u8]) -> Result<()> {
-        let msg = Message::parse_from_bytes(bytes).map_err(Error::decode("raft message"))?;
+        let msg = crate::codec::decode(bytes).map_err(Error::decode("raft message"))?;
         self.step(msg);
         Ok(())
     }

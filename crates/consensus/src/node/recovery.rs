@@ -19,7 +19,7 @@ pub(super) fn snapshot_metadata(meta: &SnapshotMeta) -> Result<SnapshotMetadata>
         ..Default::default()
     };
     m.set_conf_state(
-        ConfState::parse_from_bytes(&meta.meta).map_err(Error::decode("snapshot conf state"))?,
+        crate::codec::decode(&meta.meta).map_err(Error::decode("snapshot conf state"))?,
     );
     Ok(m)
 }
@@ -83,14 +83,14 @@ pub fn start<S: StateMachine>(
     }
     let mut conf_state = match &rec.snapshot {
         Some(m) if !m.meta.is_empty() => {
-            ConfState::parse_from_bytes(&m.meta).map_err(Error::decode("conf state in the WAL"))?
+            crate::codec::decode(&m.meta).map_err(Error::decode("conf state in the WAL"))?
         }
         _ => ConfState::from((cfg.peers.clone(), cfg.learners.clone())),
     };
-    let mut entries = Vec::with_capacity(rec.entries.len());
+    let mut entries: Vec<Entry> = Vec::with_capacity(rec.entries.len());
     for e in &rec.entries {
         entries.push(
-            Entry::parse_from_bytes(&e.data)
+            crate::codec::decode(&e.data)
                 .map_err(Error::decode(format!("WAL entry {}", e.index)))?,
         );
     }
