@@ -241,7 +241,7 @@ impl<O: Send + 'static> Driver<O> {
         let mut confs = HashMap::new();
         for e in &entries {
             if e.get_entry_type() == EntryType::EntryConfChange {
-                let (cc, change, _) = membership::from_entry(&e.data)?;
+                let (cc, change, _) = membership::from_entry(e.index, &e.data)?;
                 let cs = match self.raw.apply_conf_change(&cc) {
                     Ok(cs) => cs,
                     Err(err) => {
