@@ -538,7 +538,10 @@ impl Peer for PeerService {
         inbox
             .install_snapshot(msg, file)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::Error::Refused(why) => Status::invalid_argument(why),
+                e => Status::unavailable(e.to_string()),
+            })?;
         Ok(Response::new(Done {}))
     }
 }

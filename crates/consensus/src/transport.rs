@@ -100,15 +100,25 @@ impl Inbox {
     }
 
     /// Hands a received, verified snapshot file and its MsgSnapshot to the node.
+    /// [`Error::Refused`] if `msg` is not the MsgSnapshot of that file.
     pub async fn install_snapshot(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.check_snapshot(&msg, &file)?;
         self.tx
             .send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
             .await
             .map_err(|_| Error::Stopped)
     }
 
+    fn check_snapshot(&self, msg: &Message, file: &SnapshotFile) -> Result<()> {
+        match crate::node::inbound::snapshot_refusal(self.id, msg, file.meta()) {
+            Some(why) => Err(Error::Refused(why)),
+            None => Ok(()),
+        }
+    }
+
     /// [`Inbox::install_snapshot`] for threads outside the async runtime.
     pub fn install_snapshot_blocking(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.check_snapshot(&msg, &file)?;
         self.tx
             .blocking_send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
             .map_err(|_| Error::Stopped)

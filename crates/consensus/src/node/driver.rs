@@ -140,6 +140,16 @@ impl<O: Send + 'static> Driver<O> {
             }
             NodeMsg::Read(w) => self.reads.new.push(w),
             NodeMsg::Step(msg) => {
+                if let Some(why) = inbound::refusal(&self.raw, &msg) {
+                    tracing::warn!(
+                        member_id = self.cfg.id,
+                        from = format!("{:x}", msg.from),
+                        msg_type = ?msg.get_msg_type(),
+                        why,
+                        "peer message refused"
+                    );
+                    return Ok(());
+                }
                 if let Err(e) = self.raw.step(msg) {
                     tracing::debug!(error = %e, "message not stepped");
                 }
