@@ -32,6 +32,9 @@ pub enum Error {
         #[source]
         source: protobuf::ProtobufError,
     },
+    /// A peer sent what no correct peer sends (it was not handed to Raft).
+    #[error("refused: {0}")]
+    Refused(String),
     /// The log, a snapshot and the state machine disagree in a way Raft cannot go on
     /// from (a bug or a damaged data directory).
     #[error("{0}")]

@@ -365,6 +365,8 @@ async fn peer_loop(id: u64, ep: PeerEndpoint, mut rx: mpsc::Receiver<Vec<u8>>, i
     );
     let sent =
         ::metrics::counter!(crate::metrics::PEER_SENT_BYTES, "To" => crate::metrics::id_label(id));
+    // Messages that never left for an unreachable peer (etcd counts them too).
+    let failures = ::metrics::counter!(crate::metrics::PEER_SENT_FAILURES, "To" => crate::metrics::id_label(id));
     loop {
         let channel = match ep.connect().await {
             Ok(c) => c,
@@ -568,7 +570,7 @@ impl Peer for PeerService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let msg = Message::parse_from_bytes(&first.message)
+        let msg: Message = crate::codec::decode(&first.message)
             .map_err(|e| Status::invalid_argument(format!("snapshot message: {e}")))?;
         let total = first.total_bytes;
         let inbox = self.inbox.clone();
@@ -602,7 +604,10 @@ impl Peer for PeerService {
         inbox
             .install_snapshot(msg, file)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::Error::Refused(why) => Status::invalid_argument(why),
+                e => Status::unavailable(e.to_string()),
+            })?;
         Ok(Response::new(Done {}))
     }
 }

@@ -26,6 +26,7 @@
 //! [`StateMachine`], [`Config`], [`Transport`] and [`Inbox`]. raft-rs's types do not
 //! appear in the API except in [`Transport`], which transports implement.
 
+mod codec;
 mod error;
 pub mod grpc;
 pub mod local;

@@ -3,7 +3,6 @@
 //! voter changes). The proposer's context bytes travel with the change; the state
 //! machine gets them back when the change is applied, with the configuration after it.
 
-use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState};
 
 use crate::error::{Error, Result};
@@ -44,6 +43,25 @@ impl From<&ConfState> for Configuration {
     }
 }
 
+/// Why raft-rs cannot start from or restore `cs`, a configuration read from the log or
+/// received with a snapshot; `None` if it can. Concord changes one member at a time, so
+/// a joint configuration is never one it made.
+pub(crate) fn conf_state_refusal(cs: &ConfState) -> Option<String> {
+    let joint = !cs.voters_outgoing.is_empty() || !cs.learners_next.is_empty() || cs.auto_leave;
+    let mut ids: Vec<u64> = cs.voters.iter().chain(&cs.learners).copied().collect();
+    ids.sort_unstable();
+    let repeated = ids.windows(2).any(|w| w[0] == w[1]);
+    if joint || repeated || ids.first() == Some(&0) {
+        return Some(format!(
+            "voters {:?} and learners {:?}{} are not a configuration Concord makes",
+            cs.voters,
+            cs.learners,
+            if joint { " (joint)" } else { "" }
+        ));
+    }
+    None
+}
+
 /// The raft-rs change carrying `c`, with the proposal id in front of the context.
 pub(crate) fn to_raft(c: &MemberChange, proposal: u64) -> ConfChange {
     let mut cc = ConfChange::default();
@@ -59,10 +77,10 @@ pub(crate) fn to_raft(c: &MemberChange, proposal: u64) -> ConfChange {
     cc
 }
 
-/// Decodes a committed change entry: the change and the proposal id.
-pub(crate) fn from_entry(data: &[u8]) -> Result<(ConfChange, MemberChange, u64)> {
-    let cc =
-        ConfChange::parse_from_bytes(data).map_err(Error::decode("membership change entry"))?;
+/// Decodes the change entry at `index`: the change and the proposal id.
+pub(crate) fn from_entry(index: u64, data: &[u8]) -> Result<(ConfChange, MemberChange, u64)> {
+    let cc: ConfChange = crate::codec::decode(data)
+        .map_err(Error::decode(format!("membership change entry {index}")))?;
     let kind = match cc.get_change_type() {
         ConfChangeType::AddNode => ChangeKind::AddVoter,
         ConfChangeType::AddLearnerNode => ChangeKind::AddLearner,
@@ -105,6 +123,8 @@ pub(crate) fn apply_simple(cs: &mut ConfState, cc: &ConfChange) {
 
 #[cfg(test)]
 mod tests {
+    use protobuf::Message as _;
+
     use super::*;
 
     #[test]
@@ -115,7 +135,7 @@ mod tests {
             context: b"ctx".to_vec(),
         };
         let cc = to_raft(&c, 77);
-        let (back, change, id) = from_entry(&cc.write_to_bytes().unwrap()).unwrap();
+        let (back, change, id) = from_entry(5, &cc.write_to_bytes().unwrap()).unwrap();
         assert_eq!((change, id), (c, 77));
         let mut cs = ConfState::from((vec![1, 2, 3], vec![]));
         apply_simple(&mut cs, &back);

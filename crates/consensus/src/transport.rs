@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use concord_storage::{ImportWriter, SnapshotFile, SnapshotStore};
-use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 
@@ -79,7 +78,7 @@ impl Inbox {
 
     /// Decodes and delivers a message received as bytes.
     pub fn step_bytes(&self, bytes: &[u8]) -> Result<()> {
-        let msg = Message::parse_from_bytes(bytes).map_err(Error::decode("raft message"))?;
+        let msg: Message = crate::codec::decode(bytes).map_err(Error::decode("raft message"))?;
         ::metrics::counter!(crate::metrics::PEER_RECEIVED_BYTES, "From" => crate::metrics::id_label(msg.from))
             .increment(bytes.len() as u64);
         self.step(msg);
@@ -103,15 +102,25 @@ impl Inbox {
     }
 
     /// Hands a received, verified snapshot file and its MsgSnapshot to the node.
+    /// [`Error::Refused`] if `msg` is not the MsgSnapshot of that file.
     pub async fn install_snapshot(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.check_snapshot(&msg, &file)?;
         self.tx
             .send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
             .await
             .map_err(|_| Error::Stopped)
     }
 
+    fn check_snapshot(&self, msg: &Message, file: &SnapshotFile) -> Result<()> {
+        match crate::node::inbound::snapshot_refusal(self.id, msg, file.meta()) {
+            Some(why) => Err(Error::Refused(why)),
+            None => Ok(()),
+        }
+    }
+
     /// [`Inbox::install_snapshot`] for threads outside the async runtime.
     pub fn install_snapshot_blocking(&self, msg: Message, file: SnapshotFile) -> Result<()> {
+        self.check_snapshot(&msg, &file)?;
         self.tx
             .blocking_send(NodeMsg::InstallSnapshot(msg, Arc::new(file)))
             .map_err(|_| Error::Stopped)

@@ -216,10 +216,12 @@ impl Command {
             )),
             TAG_AS => {
                 let a = AsUser::decode(body).map_err(bad)?;
-                let cmd = Command::decode(&a.command)?;
-                if matches!(cmd, Command::As(_)) {
+                // Refused before the inner command is decoded: callers nested as deep
+                // as the entry is long would recurse that deep.
+                if a.command.first() == Some(&TAG_AS) {
                     return Err("nested caller in a command".into());
                 }
+                let cmd = Command::decode(&a.command)?;
                 let by = Requester {
                     user: a.user,
                     revision: a.revision,

@@ -63,11 +63,17 @@ impl<S: StateMachine> Applier<S> {
                     });
                 }
                 // A new leader's empty entry.
-                EntryType::EntryNormal => {}
+                EntryType::EntryNormal if e.data.is_empty() => {}
+                // Every member skips it alike (peers refuse to send one).
+                EntryType::EntryNormal => tracing::warn!(
+                    index = e.index,
+                    bytes = e.data.len(),
+                    "entry too short for a proposal id; skipped"
+                ),
                 EntryType::EntryConfChange => {
                     // Commands before it are applied first, in order.
                     self.apply_commands(&mut cmds, &mut ids, &mut traced)?;
-                    let (_, change, proposal) = membership::from_entry(&e.data)?;
+                    let (_, change, proposal) = membership::from_entry(e.index, &e.data)?;
                     let cs = confs.get(&e.index).cloned().unwrap_or_default();
                     let out = self
                         .sm

@@ -148,6 +148,16 @@ impl<O: Send + 'static> Driver<O> {
             }
             NodeMsg::Read(w) => self.reads.new.push(w),
             NodeMsg::Step(msg) => {
+                if let Some(why) = inbound::refusal(&self.raw, &msg) {
+                    tracing::warn!(
+                        member_id = self.cfg.id,
+                        from = format!("{:x}", msg.from),
+                        msg_type = ?msg.get_msg_type(),
+                        why,
+                        "peer message refused"
+                    );
+                    return Ok(());
+                }
                 if let Err(e) = self.step(msg) {
                     tracing::debug!(error = %e, "message not stepped");
                 }
@@ -252,7 +262,7 @@ impl<O: Send + 'static> Driver<O> {
         let mut confs = HashMap::new();
         for e in &entries {
             if e.get_entry_type() == EntryType::EntryConfChange {
-                let (cc, change, _) = membership::from_entry(&e.data)?;
+                let (cc, change, _) = membership::from_entry(e.index, &e.data)?;
                 let cs = match self.raw.apply_conf_change(&cc) {
                     Ok(cs) => cs,
                     Err(err) => {

@@ -11,6 +11,7 @@
 mod applier;
 mod driver;
 mod handle;
+pub(crate) mod inbound;
 mod read_index;
 mod recovery;
 

@@ -18,9 +18,17 @@ pub(super) fn snapshot_metadata(meta: &SnapshotMeta) -> Result<SnapshotMetadata>
         term: meta.term,
         ..Default::default()
     };
-    m.set_conf_state(
-        ConfState::parse_from_bytes(&meta.meta).map_err(Error::decode("snapshot conf state"))?,
-    );
+    let cs: ConfState = crate::codec::decode(&meta.meta).map_err(Error::decode(format!(
+        "conf state of snapshot {}",
+        meta.index
+    )))?;
+    if let Some(why) = membership::conf_state_refusal(&cs) {
+        return Err(Error::Inconsistent(format!(
+            "conf state of snapshot {}: {why}",
+            meta.index
+        )));
+    }
+    m.set_conf_state(cs);
     Ok(m)
 }
 
@@ -83,25 +91,53 @@ pub fn start<S: StateMachine>(
     }
     let mut conf_state = match &rec.snapshot {
         Some(m) if !m.meta.is_empty() => {
-            ConfState::parse_from_bytes(&m.meta).map_err(Error::decode("conf state in the WAL"))?
+            let cs: ConfState = crate::codec::decode(&m.meta).map_err(Error::decode(format!(
+                "conf state of the WAL's snapshot mark {}",
+                m.index
+            )))?;
+            if let Some(why) = membership::conf_state_refusal(&cs) {
+                return Err(Error::Inconsistent(format!(
+                    "conf state of the WAL's snapshot mark {}: {why}",
+                    m.index
+                )));
+            }
+            cs
         }
         _ => ConfState::from((cfg.peers.clone(), cfg.learners.clone())),
     };
+    // Every entry is decoded here, membership changes included, so a damaged one stops
+    // the start with its index rather than Raft or the apply thread later.
     let mut entries = Vec::with_capacity(rec.entries.len());
     for e in &rec.entries {
-        entries.push(
-            Entry::parse_from_bytes(&e.data)
-                .map_err(Error::decode(format!("WAL entry {}", e.index)))?,
-        );
-    }
-    // Raft re-delivers only what the state machine has not applied: the membership
-    // changes it has applied are replayed here, so Raft starts with the configuration
-    // that goes with the applied index.
-    for e in entries.iter().filter(|e| e.index <= applied) {
-        if e.get_entry_type() == EntryType::EntryConfChange {
-            let (cc, _, _) = membership::from_entry(&e.data)?;
-            membership::apply_simple(&mut conf_state, &cc);
+        let entry: Entry = crate::codec::decode(&e.data)
+            .map_err(Error::decode(format!("WAL entry {}", e.index)))?;
+        // raft-rs takes the log as contiguous: an entry that says it is another one
+        // would make it panic later, far from the cause.
+        if (entry.index, entry.term) != (e.index, e.term) {
+            return Err(Error::Inconsistent(format!(
+                "WAL entry {} (term {}) holds entry {} of term {}",
+                e.index, e.term, entry.index, entry.term
+            )));
         }
+        match entry.get_entry_type() {
+            EntryType::EntryNormal => {}
+            EntryType::EntryConfChange => {
+                let (cc, _, _) = membership::from_entry(entry.index, &entry.data)?;
+                // Raft re-delivers only what the state machine has not applied: the
+                // membership changes it has applied are replayed here, so Raft starts
+                // with the configuration that goes with the applied index.
+                if entry.index <= applied {
+                    membership::apply_simple(&mut conf_state, &cc);
+                }
+            }
+            EntryType::EntryConfChangeV2 => {
+                return Err(Error::Inconsistent(format!(
+                    "WAL entry {}: joint membership changes are not used by Concord",
+                    entry.index
+                )));
+            }
+        }
+        entries.push(entry);
     }
     if cfg.force_new_cluster {
         tracing::warn!(
