@@ -173,7 +173,9 @@ pub(crate) fn sync_round(shared: &Shared) -> bool {
         progressed = true;
         let current = st.current;
         let w = st.watchers.get_mut(&c.key).expect("looked up above");
-        w.next_rev = covered + 1;
+        // A watcher whose start revision is past what this round read (it was moved
+        // aside with the others when a snapshot was installed) keeps its start.
+        w.next_rev = w.next_rev.max(covered + 1);
         if w.next_rev > current {
             st.sync(c.key);
         }

@@ -501,6 +501,62 @@ async fn resync_catches_up_revisions_that_were_not_published() {
     );
 }
 
+/// Found by the robustness suite: a snapshot install moves every watcher aside, and a
+/// catch-up round that read history only up to the current revision set a future
+/// watcher's next revision to just past it, so it got events from before its start.
+#[tokio::test]
+async fn a_future_start_survives_a_catch_up_after_a_resync() {
+    let log = Arc::new(Log::default());
+    let hub = hub_with(&log, HubOptions::default());
+    let s = hub.stream();
+    s.create(spec("r", "", 0));
+    next(&s).await;
+    s.create(spec("r", "", 8));
+    next(&s).await;
+    {
+        let mut revs = log.revs.lock().unwrap();
+        for rev in 2..=4 {
+            revs.push((
+                rev,
+                vec![Event {
+                    kind: EventKind::Put,
+                    kv: KeyValue {
+                        key: b"r".to_vec(),
+                        mod_revision: rev,
+                        ..KeyValue::default()
+                    },
+                    prev_kv: None,
+                }],
+            ));
+        }
+    }
+    hub.resync(4);
+    // The round that catches the first watcher up read history up to 4 only.
+    let (id, first) = evs(&next(&s).await);
+    assert_eq!(
+        (id, first.iter().map(|e| e.1).collect::<Vec<_>>()),
+        (0, vec![2, 3, 4])
+    );
+    for _ in 5..=9 {
+        log.put(&hub, "r", "v");
+    }
+    let mut seen: HashMap<i64, Vec<i64>> = HashMap::from([(0, vec![2, 3, 4])]);
+    while seen.get(&0).and_then(|r| r.last()) != Some(&9)
+        || seen.get(&1).and_then(|r| r.last()) != Some(&9)
+    {
+        let (id, events) = evs(&next(&s).await);
+        seen.entry(id)
+            .or_default()
+            .extend(events.iter().map(|e| e.1));
+    }
+    assert_eq!(seen[&0], vec![2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(
+        seen[&1],
+        vec![8, 9],
+        "the watcher from 8 got earlier events"
+    );
+}
+
 #[tokio::test]
 async fn request_progress_is_answered_when_the_unsynced_watcher_is_cancelled() {
     let log = Arc::new(Log::default());
