@@ -143,6 +143,10 @@ pub struct Cluster {
 
 /// How long one status probe of one member may take in [`Cluster::leader`].
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Starts of a cluster tried when a member finds its port taken.
+const START_ATTEMPTS: usize = 3;
+/// What a start that lost a port race fails with.
+const PORT_TAKEN: &str = "a port was taken before the member bound it";
 
 impl Cluster {
     /// Starts all members at once and waits until every one answers a linearizable
@@ -157,6 +161,26 @@ impl Cluster {
         kind: Kind,
         opts: ClusterOptions,
         own: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Cluster> {
+        // A port picked free can be taken by another process before the member binds
+        // it (tests run in parallel): then the whole cluster starts again on new ports.
+        for attempt in 1.. {
+            match Self::start_attempt(kind, &opts, &own).await {
+                Err(e) if attempt < START_ATTEMPTS && format!("{e:#}").contains(PORT_TAKEN) => {
+                    eprintln!(
+                        "{kind:?} cluster: a port was taken before a member bound it; starting again"
+                    );
+                }
+                r => return r,
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    async fn start_attempt(
+        kind: Kind,
+        opts: &ClusterOptions,
+        own: &impl Fn(usize) -> Vec<String>,
     ) -> Result<Cluster> {
         let n = opts.size;
         ensure!(n >= 1, "a cluster needs at least one member");
@@ -256,8 +280,22 @@ impl Cluster {
 
         let end = Instant::now() + READY_DEADLINE;
         for i in 0..n {
-            let left = end.saturating_duration_since(Instant::now());
-            if let Err(e) = crate::wait_answering(&cluster.endpoint(i), left).await {
+            loop {
+                let left = end.saturating_duration_since(Instant::now());
+                let step = left.min(Duration::from_secs(1));
+                let Err(e) = crate::wait_answering(&cluster.endpoint(i), step).await else {
+                    break;
+                };
+                // A member that exited will not answer: no need to wait out the deadline.
+                if !cluster.exited(i) && left > step {
+                    continue;
+                }
+                let logs: String = (0..n).map(|j| cluster.member_log(j)).collect();
+                if logs.to_ascii_lowercase().contains("address already in use") {
+                    return Err(
+                        e.context(format!("{kind:?} cluster member n{}: {PORT_TAKEN}", i + 1))
+                    );
+                }
                 cluster.print_logs();
                 return Err(e.context(format!("{kind:?} cluster member n{} not ready", i + 1)));
             }
