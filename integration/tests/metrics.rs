@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use concord_integration::cluster::{Cluster, ClusterOptions, Kind};
-use concord_integration::{Concord, READY_DEADLINE, wait_until};
+use std::time::Duration;
+
+use concord_integration::{Concord, READY_DEADLINE, retry_transient, wait_until};
 
 /// The metrics the issue asks for, by name (histograms by their base name).
 const REQUIRED: &[&str] = &[
@@ -154,31 +156,59 @@ async fn scrape(port: u16) -> Result<Scrape> {
 }
 
 /// Puts, a txn, ranges, a watch that sees events, a lease with a keep-alive: every
-/// family gets samples.
+/// family gets samples. Each call is retried through an election on a busy machine.
 async fn load(c: &Cluster, round: usize) -> Result<()> {
-    let mut client = c.client_all().await?;
-    let mut w = client
-        .watch(
-            "load/",
-            Some(etcd_client::WatchOptions::new().with_prefix()),
-        )
-        .await?;
-    w.message().await?;
-    let lease = client.lease_grant(60, None).await?;
-    let (mut keeper, mut responses) = client.lease_keep_alive(lease.id()).await?;
-    keeper.keep_alive().await?;
-    responses.message().await?;
+    let client = c.client_all().await?;
+    let retry = |what: &'static str| (Duration::from_secs(30), what);
+    let (d, what) = retry("watch");
+    let mut w = retry_transient(d, what, || {
+        let mut c = client.clone();
+        async move {
+            let mut w = c
+                .watch(
+                    "load/",
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await?;
+            w.message().await?;
+            Ok(w)
+        }
+    })
+    .await?;
+    let (d, what) = retry("lease with a keep-alive");
+    let lease = retry_transient(d, what, || {
+        let mut c = client.clone();
+        async move {
+            let lease = c.lease_grant(60, None).await?;
+            let (mut keeper, mut responses) = c.lease_keep_alive(lease.id()).await?;
+            keeper.keep_alive().await?;
+            responses.message().await?;
+            Ok(lease.id())
+        }
+    })
+    .await?;
     for i in 0..100 {
-        let opts = (i == 0).then(|| etcd_client::PutOptions::new().with_lease(lease.id()));
-        client.put(format!("load/{round}/{i}"), "v", opts).await?;
+        let (d, what) = retry("put");
+        retry_transient(d, what, || {
+            let mut c = client.clone();
+            let opts = (i == 0).then(|| etcd_client::PutOptions::new().with_lease(lease));
+            async move { Ok(c.put(format!("load/{round}/{i}"), "v", opts).await?) }
+        })
+        .await?;
     }
-    client
-        .get("load/", Some(etcd_client::GetOptions::new().with_prefix()))
-        .await?;
-    client
-        .txn(etcd_client::Txn::new().and_then([etcd_client::TxnOp::get("load/0/0", None)]))
-        .await?;
-    client.delete(format!("load/{round}/1"), None).await?;
+    let (d, what) = retry("range, txn and delete");
+    retry_transient(d, what, || {
+        let mut c = client.clone();
+        async move {
+            c.get("load/", Some(etcd_client::GetOptions::new().with_prefix()))
+                .await?;
+            c.txn(etcd_client::Txn::new().and_then([etcd_client::TxnOp::get("load/0/0", None)]))
+                .await?;
+            c.delete(format!("load/{round}/1"), None).await?;
+            Ok(())
+        }
+    })
+    .await?;
     // The watch saw the events.
     w.message().await?;
     Ok(())
@@ -194,14 +224,9 @@ async fn scrapes(c: &Cluster) -> Result<Vec<Scrape>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_expose_etcds_metrics_with_sane_values() -> Result<()> {
-    let opts = ClusterOptions {
-        extra: ["--heartbeat-interval", "50", "--election-timeout", "500"]
-            .map(String::from)
-            .to_vec(),
-        ..ClusterOptions::default()
-    };
-    let etcd = Cluster::start(Kind::Etcd, opts.clone()).await?;
-    let concord = Cluster::start(Kind::Concord, opts).await?;
+    // etcd's default timing: six members on two cores keep a leader.
+    let etcd = Cluster::start(Kind::Etcd, ClusterOptions::default()).await?;
+    let concord = Cluster::start(Kind::Concord, ClusterOptions::default()).await?;
     for c in [&etcd, &concord] {
         c.leader().await?;
         load(c, 0).await?;
