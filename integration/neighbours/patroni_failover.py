@@ -55,6 +55,20 @@ class Failure(Exception):
 
 
 def free_port():
+    """A free loopback port below the kernel's ephemeral range (32768-60999), picked at
+    random: a port from bind(0) can be taken meanwhile as the source port of another
+    test's outgoing connection (postgres then found its port in use for minutes)."""
+    import random
+    for _ in range(200):
+        port = random.randint(20000, 32767)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -160,6 +160,20 @@ pub fn concordctl(args: &[&str]) -> Result<Output> {
 
 /// A free TCP port on 127.0.0.1 (the OS picks; the port is released before use).
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    // Picked below the kernel's ephemeral range (32768-60999 on Linux), at random: a
+    // port the kernel hands out for `bind(0)` is also what it hands out as the source
+    // port of any outgoing connection, so between this call and the server's bind a
+    // long-lived connection of another test could take it (seen: a Patroni test's
+    // postgres finding its port in use for minutes).
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_768) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -84,6 +84,8 @@ impl Hub {
         hits.sort_unstable();
         let all: Arc<[Event]> = events.into();
         let mut aside = Vec::new();
+        // Counted once per revision, not per watcher: this is the fan-out's hot loop.
+        let mut sent = 0;
         for group in hits.chunk_by(|a, b| a.0 == b.0) {
             let w = group[0].0;
             let State {
@@ -117,7 +119,7 @@ impl Hub {
                 .outbox
                 .try_push_events(watcher.events_response(revision, evs))
             {
-                crate::metrics::sent(n);
+                sent += n;
                 watcher.next_rev = revision + 1;
                 watcher.sent = true;
             } else {
@@ -130,6 +132,7 @@ impl Hub {
             st.unsync(w);
         }
         drop(st);
+        crate::metrics::sent(sent);
         if moved {
             self.shared.kick();
         }

@@ -21,7 +21,9 @@ pub fn describe() {
 
 /// Events queued for watchers.
 pub(crate) fn sent(events: usize) {
-    counter!(EVENTS).increment(events as u64);
+    if events > 0 {
+        counter!(EVENTS).increment(events as u64);
+    }
 }
 
 impl crate::State {

@@ -374,7 +374,7 @@ impl Writer<'_> {
                 .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
             return Err(Error::Poisoned(why));
         }
-        {
+        let live = {
             let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
             for c in self.changes.drain(..) {
                 if c.tombstone {
@@ -388,10 +388,13 @@ impl Writer<'_> {
             }
             st.current = self.rev;
             st.compacted = self.compacted;
+            st.index.live()
+        };
+        {
             use crate::metrics as m;
-            ::metrics::gauge!(m::CURRENT_REVISION).set(st.current as f64);
-            ::metrics::gauge!(m::COMPACT_REVISION).set(st.compacted as f64);
-            ::metrics::gauge!(m::KEYS).set(st.index.live() as f64);
+            ::metrics::gauge!(m::CURRENT_REVISION).set(self.rev as f64);
+            ::metrics::gauge!(m::COMPACT_REVISION).set(self.compacted as f64);
+            ::metrics::gauge!(m::KEYS).set(live as f64);
         }
         for (rev, wait) in self.compactions.drain(..) {
             self.store.schedule_compaction(rev, wait);
