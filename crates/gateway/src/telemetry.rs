@@ -315,7 +315,6 @@ where
             .to_string();
         let kind = if m.stream { "stream" } else { "unary" };
         counter!(CLIENT_REQUESTS, "type" => kind, "client_api_version" => version).increment(1);
-        let path = req.uri().path().to_string();
         let req = req.map(|b| {
             Body::new(Counted {
                 inner: b,
@@ -325,16 +324,16 @@ where
                 end: None,
             })
         });
+        let mut done = Done {
+            handled: h.handled.clone(),
+            handling: h.handling.clone(),
+            start,
+            recorded: false,
+        };
+        let (sent, sent_bytes) = (h.sent.clone(), shared.sent_bytes.clone());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            let h = shared.by_path[&path].handles(shared.extensive);
-            let mut done = Done {
-                handled: h.handled.clone(),
-                handling: h.handling.clone(),
-                start,
-                recorded: false,
-            };
             // A trailers-only answer (an error before any message) has its status in
             // the headers.
             if let Some(code) = resp.headers().get("grpc-status") {
@@ -344,8 +343,8 @@ where
                 Body::new(Counted {
                     inner: b,
                     frames: FrameCounter::default(),
-                    msgs: h.sent.clone(),
-                    bytes: shared.sent_bytes.clone(),
+                    msgs: sent,
+                    bytes: sent_bytes,
                     end: Some(done),
                 })
             }))
