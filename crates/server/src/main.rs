@@ -259,11 +259,29 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         keepalive_interval: Some(ka_interval),
         keepalive_timeout: ka_timeout,
     };
-    for (addr, https) in cfg.client_listen_urls()? {
+    // etcd's metrics URLs serve /metrics and /health only, with the default ping policy.
+    let metrics_router = exporter
+        .router()
+        .merge(concord_gateway::http::health_router(
+            member.backends().health,
+        ));
+    let client_ping = concord_gateway::PingPolicy {
+        min_time: ka_min_time,
+    };
+    let http_listeners = cfg
+        .client_listen_urls()?
+        .into_iter()
+        .map(|(a, h)| (a, h, &router, client_ping, "clients"))
+        .chain(
+            cfg.metrics_listen_urls()?
+                .into_iter()
+                .map(|(a, h)| (a, h, &metrics_router, Default::default(), "metrics scrapes")),
+        );
+    for (addr, https, router, ping_policy, what) in http_listeners {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening for clients on {addr}"))?;
-        tracing::info!(%addr, tls = https, "serving client requests");
+            .with_context(|| format!("listening for {what} on {addr}"))?;
+        tracing::info!(%addr, tls = https, "serving {what}");
         let handshaker = match (&tls.client, https) {
             (Some(t), true) => Some(concord_gateway::tls::Handshaker::new(t.clone())),
             _ => None,
@@ -272,48 +290,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             listener,
             concord_gateway::ListenerOptions {
                 tls: handshaker,
-                ping_policy: concord_gateway::PingPolicy {
-                    min_time: ka_min_time,
-                },
+                ping_policy,
             },
         );
         let mut stop = stop_rx.clone();
-        let router = router.clone();
         servers.push(tokio::spawn(concord_gateway::serve(
             listener,
-            router,
-            serve_opts,
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )));
-    }
-    for (addr, https) in cfg.metrics_listen_urls()? {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
-        tracing::info!(%addr, tls = https, "serving metrics");
-        let handshaker = match (&tls.client, https) {
-            (Some(t), true) => Some(concord_gateway::tls::Handshaker::new(t.clone())),
-            _ => None,
-        };
-        let listener = concord_gateway::ClientListener::with_options(
-            listener,
-            concord_gateway::ListenerOptions {
-                tls: handshaker,
-                ..Default::default()
-            },
-        );
-        // etcd's metrics URLs serve /metrics and /health only.
-        let metrics_router = exporter
-            .router()
-            .merge(concord_gateway::http::health_router(
-                member.backends().health,
-            ));
-        let mut stop = stop_rx.clone();
-        servers.push(tokio::spawn(concord_gateway::serve(
-            listener,
-            metrics_router,
+            router.clone(),
             serve_opts,
             async move {
                 let _ = stop.wait_for(|s| *s).await;
